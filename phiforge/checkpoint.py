@@ -1,0 +1,191 @@
+"""Hugging Face checkpoint folders in and out: config.json + model.safetensors (or shards with
+model.safetensors.index.json) + generation_config.json + tokenizer files. Safetensors only: pickle files are
+refused, never opened."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from phiforge.model import Phi3, Phi3Config
+from phiforge.utils import UserError, atomic_write_json
+
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_path(path_or_repo: str) -> Path:
+    """A local folder, or a Hub repo id downloaded with huggingface_hub (safetensors and json files only)."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"{p} is a file; pass the model folder that holds config.json")
+        return p
+    if path_or_repo.count("/") == 1 and not path_or_repo.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise UserError(f"{path_or_repo!r} is not a local folder, and huggingface_hub is not installed to "
+                            "download it (pip install huggingface_hub)") from None
+        try:
+            return Path(snapshot_download(path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                         "*.txt", "*.jinja", "*.tiktoken"]))
+        except Exception as e:  # network, auth or missing repo: one line for the user
+            raise UserError(f"could not download {path_or_repo!r} from the Hugging Face Hub: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    raise UserError(f"model folder {path_or_repo!r} does not exist")
+
+
+def read_config(folder: Path) -> Phi3Config:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{folder} has no config.json")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise UserError(f"{cfg_path} lacks {', '.join(missing)}")
+    return Phi3Config.from_hf(hf)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index} is not a valid safetensors index: {e}") from None
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.exists():
+                raise UserError(f"{index} names shard {f.name}, which is missing")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    pickles = [n for n in PICKLE_NAMES if (folder / n).exists()]
+    if pickles:
+        raise UserError(f"{folder} holds only pickle weights ({pickles[0]}); phiforge never unpickles files. "
+                        "Convert them where you trust the file: python -c \"import torch; from safetensors.torch "
+                        "import save_file; save_file(torch.load('pytorch_model.bin', weights_only=True), "
+                        "'model.safetensors')\"")
+    raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors, memory-mapped (safe_open maps the file; tensors are materialised on first use)."""
+    state = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    state[name] = fh.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return state
+
+
+def check_and_assign(model: Phi3, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> None:
+    expected = model.state_dict()
+    tied = model.config.tie_word_embeddings
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if tied:
+        state.pop("lm_head.weight", None)  # tied models may still carry a copy; the embedding is the truth
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        raise UserError(f"{source}: missing tensor {missing[0]} (shape {tuple(expected[missing[0]].shape)})"
+                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if extra:
+        raise UserError(f"{source}: unexpected tensor {extra[0]} (shape {tuple(state[extra[0]].shape)})"
+                        + (f" and {len(extra) - 1} more" if len(extra) > 1 else "") + "; is this a Phi-3 checkpoint?")
+    for name, t in expected.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise UserError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                            f"the config expects {tuple(t.shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def build_model(cfg: Phi3Config, dtype=torch.float32, device="cpu", init: bool = True) -> Phi3:
+    with torch.device("meta"):
+        model = Phi3(cfg)
+    model.to_empty(device=device)
+    model.rotary = type(model.rotary)(cfg).to(device)  # buffers computed, not loaded
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if init:
+        model.init_weights()
+    return model.to(dtype)
+
+
+def load_hf_folder(folder: str | os.PathLike, dtype=torch.float32, device="cpu") -> Phi3:
+    folder = resolve_path(str(folder))
+    cfg = read_config(folder)
+    model = build_model(cfg, dtype, device, init=False)
+    check_and_assign(model, read_state_dict(folder), resolve_dtype(dtype), str(folder))
+    return model.to(device).eval()
+
+
+def save_hf_folder(model: Phi3, folder: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 4 << 30,
+                   dtype: torch.dtype | None = None) -> Path:
+    """Write an HF model folder that transformers and phiforge both load. Each file is written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards, current, size = [], {}, 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = state[name], size + nbytes
+    shards.append(current)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _save_atomic(shards[0], folder / "model.safetensors", meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _save_atomic(shard, folder / fname, meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        atomic_write_json(folder / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    atomic_write_json(folder / "config.json", hf)
+    stop = sorted(tokenizer.stop_ids) if tokenizer is not None else [cfg.eos_token_id]
+    atomic_write_json(folder / "generation_config.json",
+                      {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop, "pad_token_id": cfg.pad_token_id})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder
+
+
+def _save_atomic(tensors: dict, path: Path, meta: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)

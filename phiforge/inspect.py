@@ -1,0 +1,81 @@
+"""Show what a model is: resolved config, parameter count, memory per dtype, tokenizer, rendered chat template.
+
+    phiforge inspect phi-3-mini-4k
+    phiforge inspect runs/demo/final
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from phiforge.model import PRESETS, Phi3Config
+from phiforge.utils import UserError
+
+SAMPLE = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "What is 2 + 2?"},
+          {"role": "assistant", "content": "4."},
+          {"role": "user", "content": "And 3 + 3?"}]
+
+
+def describe(cfg: Phi3Config) -> dict:
+    n = cfg.num_params()
+    return {
+        "config": {k: v for k, v in cfg.to_hf().items() if k not in ("rope_scaling",)},
+        "rope_scaling": None if cfg.rope_scaling is None else {
+            "type": cfg.rope_scaling["type"], "factors": len(cfg.rope_scaling["short_factor"]),
+            "short_factor[:3]": cfg.rope_scaling["short_factor"][:3],
+            "long_factor[:3]": cfg.rope_scaling["long_factor"][:3]},
+        "derived": {"head_dim": cfg.head_dim, "rotary_dim": cfg.rotary_dim,
+                    "gqa_group": cfg.num_attention_heads // cfg.num_key_value_heads,
+                    "attention": "full causal" if cfg.sliding_window is None or
+                    cfg.sliding_window >= cfg.max_position_embeddings
+                    else f"sliding window: {cfg.sliding_window + 1} keys incl. self"},
+        "parameters": n,
+        "memory_GiB": {"fp32": n * 4 / 2**30, "bf16": n * 2 / 2**30, "int8": n / 2**30, "int4": n / 2 / 2**30},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="phiforge inspect", description=__doc__.splitlines()[0])
+    ap.add_argument("model", help=f"model folder, Hub repo id, or preset ({', '.join(PRESETS)})")
+    ap.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = ap.parse_args(argv)
+
+    tok = None
+    if args.model in PRESETS and not Path(args.model).exists():
+        cfg = Phi3Config.from_name(args.model)
+    else:
+        from phiforge.checkpoint import read_config, resolve_path
+        from phiforge.tokenizer import Tokenizer
+        folder = resolve_path(args.model)
+        cfg = read_config(folder)
+        if (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists():
+            tok = Tokenizer.from_folder(folder)
+    info = describe(cfg)
+    if tok is not None:
+        info["tokenizer"] = {"vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token,
+                             "stop_ids": sorted(tok.stop_ids), "end_id": tok.end_id}
+        info["chat_template_sample"] = tok.apply_chat_template(SAMPLE, add_generation_prompt=True)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model: {args.model}")
+    for k, v in info["config"].items():
+        print(f"  {k:<34} {v}")
+    print(f"  {'rope_scaling':<34} {info['rope_scaling']}")
+    for k, v in info["derived"].items():
+        print(f"  {k:<34} {v}")
+    print(f"parameters: {info['parameters']:,}")
+    print("memory (weights): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in info["memory_GiB"].items()))
+    if tok is not None:
+        print(f"tokenizer: {tok!r}")
+        print("chat template (sample conversation, generation prompt):")
+        print(info["chat_template_sample"])
+    else:
+        print("tokenizer: none (preset or folder without tokenizer files)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Shared test fixtures: tiny models built as transformers' Phi3ForCausalLM, a tokenizer trained in the test."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests share 2 cores with whatever else runs; one thread keeps timings stable and avoids oversubscription.
+torch.set_num_threads(int(os.environ.get("PHIFORGE_TEST_THREADS", "1")))
+
+SAMPLE_TEXT = (
+    "Once upon a time there was a little robot named Pip. Pip liked to count stars. "
+    "One night Pip counted 1, 2, 3... and then a cloud came! \"Oh no,\" said Pip. "
+    "def add(a, b):\n    return a + b\n\nUnicode: café, naïve, 東京, emoji 🙂, math ∑ x² ≤ ∞.\n"
+)
+
+
+def hf_config(cfg, window_plus_one: bool = True):
+    """transformers' Phi3Config for our config. transformers 5 masks `sliding_window` keys including the query,
+    the checkpoints were trained with sliding_window + 1 (PHI3_SPEC 2.2): pass window + 1 to get the trained
+    semantics in the reference."""
+    from transformers import Phi3Config as HFPhi3Config
+
+    d = cfg.to_hf()
+    if window_plus_one and d["sliding_window"] is not None:
+        d["sliding_window"] = d["sliding_window"] + 1
+    for k in ("architectures", "model_type", "torch_dtype"):
+        d.pop(k)
+    hf = HFPhi3Config(**d)
+    hf._attn_implementation = "eager"
+    return hf
+
+
+def hf_model(cfg, seed: int = 0):
+    from transformers import Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(hf_config(cfg)).eval()
+    with torch.no_grad():  # transformers' init leaves norms at 1; perturb so that every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer():
+    from phiforge.tokenizer import train_bpe
+
+    corpus = [SAMPLE_TEXT * 3, "The quick brown fox jumps over the lazy dog. " * 20,
+              "Tom and Lily went to the park. They saw a big red ball. " * 20]
+    return train_bpe(corpus, vocab_size=400)
