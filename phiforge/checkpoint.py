@@ -101,27 +101,48 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_and_assign(model: Phi3, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> None:
-    expected = model.state_dict()
-    tied = model.config.tie_word_embeddings
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    if tied:
-        state.pop("lm_head.weight", None)  # tied models may still carry a copy; the embedding is the truth
+def check_shapes(cfg: Phi3Config, shapes: dict[str, tuple], source: str) -> None:
+    """Every tensor the config needs is present with the right shape, and nothing else is: else one clear error
+    naming the tensor and both shapes."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Phi3(cfg).state_dict().items()}
+    shapes = {k: tuple(v) for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:  # tied models may still carry a copy of lm_head; the embedding is the truth
+        shapes.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
     if missing:
-        raise UserError(f"{source}: missing tensor {missing[0]} (shape {tuple(expected[missing[0]].shape)})"
+        raise UserError(f"{source}: missing tensor {missing[0]} (shape {expected[missing[0]]})"
                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if extra:
-        raise UserError(f"{source}: unexpected tensor {extra[0]} (shape {tuple(state[extra[0]].shape)})"
+        raise UserError(f"{source}: unexpected tensor {extra[0]} (shape {shapes[extra[0]]})"
                         + (f" and {len(extra) - 1} more" if len(extra) > 1 else "") + "; is this a Phi-3 checkpoint?")
-    for name, t in expected.items():
-        if tuple(state[name].shape) != tuple(t.shape):
-            raise UserError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
-                            f"the config expects {tuple(t.shape)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    if tied:
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise UserError(f"{source}: tensor {name} has shape {shapes[name]}, the config expects {shape}")
+
+
+def read_shapes(folder: Path) -> dict[str, tuple]:
+    """Tensor shapes from the safetensors headers only (no tensor data is read)."""
+    shapes = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    shapes[name] = tuple(fh.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return shapes
+
+
+def check_and_assign(model: Phi3, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> None:
+    check_shapes(model.config, {k: v.shape for k, v in state.items()}, source)
+    state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 

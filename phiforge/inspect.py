@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from phiforge.checkpoint import read_config, resolve_path
         from phiforge.tokenizer import Tokenizer
+        from phiforge.checkpoint import check_shapes, read_shapes
         folder = resolve_path(args.model)
         cfg = read_config(folder)
+        check_shapes(cfg, read_shapes(folder), str(folder))  # names and shapes, from the headers only
         if (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists():
             tok = Tokenizer.from_folder(folder)
     info = describe(cfg)
