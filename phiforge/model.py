@@ -207,8 +207,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, cast back before the weight multiply (Llama/Mistral order; PHI3_SPEC 2.2).
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm is the same x * rsqrt(mean(x^2) + eps) as one fused op.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
 
@@ -250,10 +250,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x (B, nh, T, hs); cos/sin (B, T, rd). Rotates the first rd dims (rotate_half style), passes the rest."""
     rd = cos.shape[-1]
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x_rot = x[..., :rd]
     x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    out = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)  # partial rotary: pass the rest
 
 
 class KVCacheLayer(nn.Module):
