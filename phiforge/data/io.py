@@ -1,0 +1,281 @@
+"""Reading documents, writing shards, and the resumable (rank, world) shard loop every data stage runs in.
+
+Documents are read in input order (files sorted) and grouped into *units* of --shard-size documents; unit k is
+processed by rank k % world and written to `<out>/<k:05d>.jsonl.gz` with a done marker `<out>/.done/<k:05d>.json`
+holding that unit's stats. Both writes are atomic (temp + rename) and the marker is written after the shard, so a
+rerun skips finished units and a killed run redoes only the unit it was in: nothing lost, nothing duplicated.
+Ranks parse only their own units (raw lines of other units are skipped unparsed), so a Slurm array
+(`--rank $SLURM_ARRAY_TASK_ID --world $SLURM_ARRAY_TASK_COUNT`) or Ray tasks can share the work.
+
+Inputs: jsonl / jsonl.gz (one JSON object per line, text under --text-key), parquet (a text column), and text
+files whose documents are separated per --text-sep (eot: "<|endoftext|>", line, blank, nul, file).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
+
+TEXT_EXT = (".txt", ".txt.gz", ".text", ".md")
+JSONL_EXT = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
+PARQUET_EXT = (".parquet",)
+SEPARATORS = {"eot": "<|endoftext|>", "line": "\n", "blank": "\n\n", "nul": "\x00"}
+MAX_MALFORMED_SAMPLES = 5
+
+
+def input_files(paths: list[str]) -> list[Path]:
+    """Files given directly, or every supported file inside given directories (sorted, hidden files skipped)."""
+    files: list[Path] = []
+    exts = TEXT_EXT + JSONL_EXT + PARQUET_EXT
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(exts)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UserError(f"{p}: no {', '.join(exts)} files inside; pass files or a folder holding them")
+            files += found
+        elif p.is_file():
+            if not p.name.endswith(exts):
+                raise UserError(f"{p}: unsupported file type; use one of {', '.join(exts)}")
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    return files
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    # errors="replace": a stray invalid byte must not kill a stage; the line is kept and counted as usual.
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+
+
+def iter_raw(path: Path, text_sep: str = "eot") -> Iterator[tuple[str, object]]:
+    """Yield (where, raw) per document without parsing it: a jsonl line, a text chunk, or a parquet row dict."""
+    name = path.name
+    if name.endswith(JSONL_EXT):
+        i = 0
+        try:
+            with _open_text(path) as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        yield f"{name}:{i}", line
+        except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt .gz: keep what was read, count it
+            yield f"{name}:{i + 1}", BrokenFile(f"unreadable from here on ({type(e).__name__}: {e})")
+    elif name.endswith(PARQUET_EXT):
+        import pyarrow.parquet as pq
+
+        for b, batch in enumerate(pq.ParquetFile(path).iter_batches(batch_size=1024)):
+            for i, row in enumerate(batch.to_pylist()):
+                yield f"{name}:row{b * 1024 + i}", row
+    else:
+        with _open_text(path) as f:
+            text = f.read()
+        if text_sep == "file":
+            parts = [text]
+        elif text_sep in SEPARATORS:
+            parts = text.replace("\r\n", "\n").split(SEPARATORS[text_sep])
+        else:
+            raise UserError(f"--text-sep {text_sep!r}: use one of {', '.join(list(SEPARATORS) + ['file'])}")
+        for i, part in enumerate(parts):
+            if part.strip():
+                yield f"{name}:doc{i}", {"text": part.strip("\n")}
+
+
+class Malformed(ValueError):
+    pass
+
+
+class BrokenFile(str):
+    """Stands in for the rest of a file that could not be read (a truncated gzip); parsed as malformed."""
+
+
+def parse_record(where: str, raw: object, text_key: str = "text") -> dict:
+    """One raw record -> {"id", "text", ...other fields}. Raises Malformed with a short reason."""
+    if isinstance(raw, BrokenFile):
+        raise Malformed(str(raw))
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise Malformed(f"invalid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise Malformed(f"not a JSON object ({type(raw).__name__})")
+    text = raw.get(text_key)
+    if not isinstance(text, str):
+        raise Malformed(f"field {text_key!r} missing or not a string")
+    doc = dict(raw)
+    if text_key != "text":
+        doc["text"] = doc.pop(text_key)
+    doc["id"] = str(doc.get("id", where))
+    return doc
+
+
+def write_jsonl_gz(path: Path, records: list[dict]) -> None:
+    buf = io.BytesIO()
+    # mtime=0 keeps the bytes reproducible: a rerun of a unit writes an identical shard.
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
+        for r in records:
+            gz.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """Read one of our own jsonl(.gz) files (shards, label files)."""
+    with _open_text(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+@dataclass
+class Stats:
+    """What one unit of a stage saw; units merge by adding."""
+    docs_in: int = 0
+    docs_out: int = 0
+    removed: dict = field(default_factory=dict)  # reason -> count
+    malformed: int = 0
+    malformed_samples: list = field(default_factory=list)  # [{"where", "reason", "line"}]
+    hist: dict = field(default_factory=dict)  # name -> {"edges": [...], "counts": [...]}
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # stage-specific counters
+
+    def remove(self, reason: str, n: int = 1) -> None:
+        self.removed[reason] = self.removed.get(reason, 0) + n
+
+    def bad(self, where: str, reason: str, raw: object) -> None:
+        self.malformed += 1
+        if len(self.malformed_samples) < MAX_MALFORMED_SAMPLES:
+            self.malformed_samples.append({"where": where, "reason": reason, "line": str(raw)[:200]})
+
+    def add_hist(self, name: str, values, edges) -> None:
+        import numpy as np
+
+        counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
+        old = self.hist.get(name)
+        if old is not None:
+            counts = counts + np.asarray(old["counts"])
+        self.hist[name] = {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+    def merge(self, other: "Stats") -> None:
+        self.docs_in += other.docs_in
+        self.docs_out += other.docs_out
+        for k, v in other.removed.items():
+            self.remove(k, v)
+        self.malformed += other.malformed
+        self.malformed_samples = (self.malformed_samples + other.malformed_samples)[:MAX_MALFORMED_SAMPLES]
+        for k, h in other.hist.items():
+            if k in self.hist:
+                self.hist[k]["counts"] = [a + b for a, b in zip(self.hist[k]["counts"], h["counts"])]
+            else:
+                self.hist[k] = {"edges": list(h["edges"]), "counts": list(h["counts"])}
+        self.seconds += other.seconds
+        for k, v in other.extra.items():
+            if isinstance(v, (int, float)):
+                self.extra[k] = self.extra.get(k, 0) + v
+            elif isinstance(v, list):
+                self.extra[k] = (self.extra.get(k, []) + v)[:50]  # samples, capped
+            else:
+                self.extra[k] = v
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Stats":
+        return cls(**d)
+
+
+def iter_units(files: list[Path], shard_size: int, text_sep: str) -> Iterator[tuple[int, list]]:
+    """Group raw records of all files, in order, into units of shard_size: yields (unit index, [(where, raw)])."""
+    unit, buf = 0, []
+    for path in files:
+        for item in iter_raw(path, text_sep):
+            buf.append(item)
+            if len(buf) == shard_size:
+                yield unit, buf
+                unit, buf = unit + 1, []
+    if buf:
+        yield unit, buf
+
+
+def done_path(out: Path, unit: int) -> Path:
+    return out / ".done" / f"{unit:05d}.json"
+
+
+def shard_path(out: Path, unit: int) -> Path:
+    return out / f"{unit:05d}.jsonl.gz"
+
+
+def run_units(stage: str, inputs: list[str], out: str | Path, process: Callable[[int, list[dict], Stats], list[dict]],
+              *, rank: int = 0, world: int = 1, shard_size: int = 10000, text_key: str = "text",
+              text_sep: str = "eot", config: dict | None = None, write: bool = True) -> Stats | None:
+    """The shard loop: parse this rank's units, run `process(unit, docs, stats) -> kept docs`, write shard + marker.
+
+    Returns the merged stats of all units (and writes <out>/stats.json) once every unit is done, else None.
+    """
+    if not 0 <= rank < world:
+        raise UserError(f"--rank {rank} must be in [0, --world {world})")
+    if shard_size < 1:
+        raise UserError("--shard-size must be >= 1")
+    files = input_files(inputs)
+    out = Path(out)
+    (out / ".done").mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    n_units = 0
+    bar = tqdm(desc=f"{stage} (rank {rank}/{world})", unit="doc", file=sys.stderr, dynamic_ncols=True,
+               disable=os.environ.get("PHIFORGE_NO_PROGRESS") == "1")
+    for unit, raws in iter_units(files, shard_size, text_sep):
+        n_units = unit + 1
+        if unit % world != rank or done_path(out, unit).exists():
+            continue
+        t0 = time.perf_counter()
+        stats = Stats()
+        docs = []
+        for where, raw in raws:
+            try:
+                docs.append(parse_record(where, raw, text_key))
+            except Malformed as e:
+                stats.bad(where, str(e), raw)
+        stats.docs_in = len(docs)
+        kept = process(unit, docs, stats)
+        stats.docs_out = len(kept)
+        if write:
+            write_jsonl_gz(shard_path(out, unit), kept)
+        stats.seconds = time.perf_counter() - t0
+        atomic_write_json(done_path(out, unit), stats.to_json())
+        bar.update(len(raws))
+    bar.close()
+    return finalize(stage, out, n_units, config or {})
+
+
+def finalize(stage: str, out: Path, n_units: int, config: dict) -> Stats | None:
+    """Merge unit stats into <out>/stats.json when all units are done (any rank may do it; same result)."""
+    total = Stats()
+    for unit in range(n_units):
+        p = done_path(out, unit)
+        if not p.exists():
+            return None
+        total.merge(Stats.from_json(json.loads(p.read_text())))
+    atomic_write_json(out / "stats.json", {"stage": stage, "units": n_units, "config": config, **total.to_json()})
+    return total
+
+
+def add_io_args(ap) -> None:
+    """The arguments every sharded stage shares."""
+    ap.add_argument("inputs", nargs="+", help="jsonl(.gz), parquet or text files, or folders of them")
+    ap.add_argument("--out", required=True, help="output folder of <unit>.jsonl.gz shards")
+    ap.add_argument("--text-key", default="text", help="JSON/parquet field holding the text (default: text)")
+    ap.add_argument("--text-sep", default="eot", help="text files: eot | line | blank | nul | file")
+    ap.add_argument("--shard-size", type=int, default=10000, help="documents per unit/shard (default 10000)")
+    ap.add_argument("--rank", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
+    ap.add_argument("--world", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
