@@ -387,7 +387,8 @@ class Phi3(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """The one init function: every matrix N(0, 0.02); residual output projections (o_proj, down_proj)
         scaled by 1/sqrt(2 * n_layers) as in GPT-2; norms at 1."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        device = self.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         with torch.no_grad():
