@@ -1,0 +1,264 @@
+"""Text, jsonl(.gz) and parquet in -> packed token shards out (see shards.py for the format).
+
+    phiforge tokenize --tokenizer runs/tok --out runs/tok_ts \\
+        ../shared/data/tinystories/TinyStories-train_first2MiB.txt.gz
+    phiforge tokenize --tokenizer runs/tok --out runs/tok_c4 --text-key text ../shared/data/web/*.jsonl.gz
+
+Documents are read in input order and grouped into chunks of --docs-per-shard; chunk k becomes train_<k>.bin and
+val_<k>.bin. Each document goes to validation iff a hash of (seed, text) falls below --val-fraction, so the split
+is deterministic and does not depend on chunking or worker count. Each document is followed by the EOS token.
+Chunks are encoded by --workers processes. A rerun skips chunks whose shards already exist, so a killed run redoes
+only the unfinished ones; meta.json (with complete: true) is written last.
+
+Text files: --text-sep eot (default: documents separated by "<|endoftext|>"), line, blank (blank lines), nul, file.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Iterator
+
+from phiforge.train.shards import read_header, shard_paths, write_shard
+from phiforge.utils import UserError, atomic_write_json
+
+TEXT_EXT = (".txt", ".txt.gz", ".text", ".md")
+JSONL_EXT = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
+PARQUET_EXT = (".parquet",)
+SEPARATORS = ("eot", "line", "blank", "nul", "file")
+
+
+def input_files(paths: list[str]) -> list[Path]:
+    """Files given directly, or every supported file inside given directories (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*")
+                            if f.is_file() and f.name.endswith(TEXT_EXT + JSONL_EXT + PARQUET_EXT))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"input {p} does not exist")
+    for f in files:
+        if not f.name.endswith(TEXT_EXT + JSONL_EXT + PARQUET_EXT):
+            raise UserError(f"{f}: unknown format; use .txt(.gz), .jsonl(.gz) or .parquet")
+    if not files:
+        raise UserError("no input files")
+    return files
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.suffix == ".gz" else \
+        open(path, encoding="utf-8", errors="replace")
+
+
+def read_documents(path: Path, text_key: str, text_sep: str) -> Iterator[str]:
+    """The non-empty, stripped documents of one input file."""
+    name = path.name
+    try:
+        if name.endswith(PARQUET_EXT):
+            import pyarrow.parquet as pq
+            pf = pq.ParquetFile(path)
+            if text_key not in pf.schema_arrow.names:
+                raise UserError(f"{path} has no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                                "pass --text-key")
+            for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if text and text.strip():
+                        yield text.strip()
+        elif name.endswith(JSONL_EXT):
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{lineno} is not valid JSON ({e})") from None
+                    text = record.get(text_key) if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        raise UserError(f"{path}:{lineno} has no string field {text_key!r}; pass --text-key")
+                    if text.strip():
+                        yield text.strip()
+        else:
+            with _open_text(path) as f:
+                text = f.read()
+            if text_sep == "eot":
+                parts = text.split("<|endoftext|>")
+            elif text_sep == "line":
+                parts = text.splitlines()
+            elif text_sep == "blank":
+                parts = text.replace("\r\n", "\n").split("\n\n")
+            elif text_sep == "nul":
+                parts = text.split("\x00")
+            else:
+                parts = [text]
+            yield from (p.strip() for p in parts if p.strip())
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"could not read {path}: {e}") from None
+
+
+def is_validation(text: str, seed: int, val_fraction: float) -> bool:
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(h, "little") / 2.0 ** 64 < val_fraction
+
+
+# -- worker ---------------------------------------------------------------------------------------------------------
+_TOKENIZER = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _TOKENIZER
+    from phiforge.tokenizer import Tokenizer
+    _TOKENIZER = Tokenizer.from_folder(tokenizer_dir)
+
+
+def encode_chunk(k: int, docs: list[str], out: str, seed: int, val_fraction: float) -> tuple[int, int, int]:
+    """Encode one chunk of documents into train_<k>.bin and val_<k>.bin. Returns (k, docs, tokens)."""
+    tok = _TOKENIZER
+    eos, vocab = tok.eos_id, tok.vocab_size
+    parts: dict[str, list[int]] = {"train": [], "val": []}
+    ndocs = {"train": 0, "val": 0}
+    for text in docs:
+        split = "val" if is_validation(text, seed, val_fraction) else "train"
+        parts[split] += tok.encode(text)
+        parts[split].append(eos)
+        ndocs[split] += 1
+    # val first: a chunk counts as done when its train shard exists
+    for split in ("val", "train"):
+        write_shard(Path(out) / f"{split}_{k:05d}.bin", parts[split], vocab, eos, ndocs[split])
+    return k, len(docs), len(parts["train"]) + len(parts["val"])
+
+
+def _chunk_done(out: Path, k: int) -> bool:
+    try:
+        read_header(out / f"train_{k:05d}.bin")
+        read_header(out / f"val_{k:05d}.bin")
+        return True
+    except UserError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="phiforge tokenize", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", help="text (.txt/.txt.gz), jsonl (.jsonl/.jsonl.gz) or .parquet files or "
+                    "directories")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer folder (phiforge or HF: tokenizer.json)")
+    ap.add_argument("--out", required=True, help="output token directory")
+    ap.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
+    ap.add_argument("--text-sep", default="eot", choices=SEPARATORS, help="how a text file separates documents")
+    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
+    ap.add_argument("--docs-per-shard", type=int, default=10000)
+    ap.add_argument("--workers", type=int, default=2, help="encoding processes (default 2: both cores)")
+    ap.add_argument("--seed", type=int, default=0, help="salt of the train/validation hash split")
+    args = ap.parse_args(argv)
+
+    # -- check everything before any work
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.docs_per_shard < 1 or args.workers < 1:
+        raise UserError("--docs-per-shard and --workers must be >= 1")
+    files = input_files(args.inputs)
+    from phiforge.tokenizer import Tokenizer
+    tok = Tokenizer.from_folder(args.tokenizer)
+    if tok.eos_id is None:
+        raise UserError(f"tokenizer {args.tokenizer} has no EOS token to separate documents")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_fingerprint = hashlib.sha256(tok.backend.to_str().encode() if tok.backend is not None
+                                     else Path(args.tokenizer, "tokenizer.model").read_bytes()).hexdigest()[:16]
+    settings = {"inputs": [str(f.resolve()) for f in files], "sizes": [f.stat().st_size for f in files],
+                "text_key": args.text_key, "text_sep": args.text_sep, "val_fraction": args.val_fraction,
+                "docs_per_shard": args.docs_per_shard, "seed": args.seed, "tokenizer": tok_fingerprint}
+    progress_file = out / "tokenize.json"
+    if progress_file.exists():
+        previous = json.loads(progress_file.read_text())
+        if previous != settings:
+            raise UserError(f"{out} holds shards made with other inputs or settings; delete it or choose another "
+                            "--out")
+    elif shard_paths(out, "train") or (out / "meta.json").exists():
+        raise UserError(f"{out} already holds token shards from an unknown run; delete it or choose another --out")
+    atomic_write_json(progress_file, settings)
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        meta_path.unlink()  # rewritten (complete) at the end
+    tok.save(out / "tokenizer")
+
+    # -- encode chunks in a pool, a bounded number in flight
+    from tqdm import tqdm
+
+    def chunks():
+        docs: list[str] = []
+        k = 0
+        for f in files:
+            for d in read_documents(f, args.text_key, args.text_sep):
+                docs.append(d)
+                if len(docs) == args.docs_per_shard:
+                    yield k, docs
+                    docs, k = [], k + 1
+        if docs or k == 0:
+            yield k, docs
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallel over processes, not inside each
+    bar = tqdm(desc="tokenize", unit="doc", file=sys.stderr, dynamic_ncols=True)
+    skipped = encoded = total_chunks = 0
+    if args.workers > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.tokenizer,))
+    else:
+        pool = None
+        _init_worker(args.tokenizer)
+    pending: deque = deque()
+    try:
+        for k, docs in chunks():
+            total_chunks += 1
+            if _chunk_done(out, k):
+                skipped += 1
+                bar.update(len(docs))
+                continue
+            job = (k, docs, str(out), args.seed, args.val_fraction)
+            if pool is None:
+                bar.update(encode_chunk(*job)[1])
+                encoded += 1
+                continue
+            pending.append(pool.apply_async(encode_chunk, job))
+            while len(pending) >= 2 * args.workers:
+                bar.update(pending.popleft().get()[1])
+                encoded += 1
+        while pending:
+            bar.update(pending.popleft().get()[1])
+            encoded += 1
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+
+    # -- shards beyond the last chunk would be stale leftovers of a different run: refuse rather than mix them in
+    for split in ("train", "val"):
+        for p in shard_paths(out, split):
+            if int(p.stem.split("_")[1]) >= total_chunks:
+                raise UserError(f"{p} does not belong to this run; delete {out} and tokenize again")
+    stats = {}
+    for split in ("train", "val"):
+        headers = [read_header(p) for p in shard_paths(out, split)]
+        stats[split] = {"shards": len(headers), "tokens": sum(h.num_tokens for h in headers),
+                        "docs": sum(h.num_docs for h in headers)}
+    meta = {"format": "phiforge-token-shards", "version": 1, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "dtype": "uint16" if tok.vocab_size <= 1 << 16 else "uint32", "tokenizer": "tokenizer",
+            "settings": settings, **stats, "complete": True}
+    atomic_write_json(meta_path, meta)
+    print(f"tokenize: {stats['train']['tokens']:,} train tokens ({stats['train']['docs']:,} docs), "
+          f"{stats['val']['tokens']:,} val tokens ({stats['val']['docs']:,} docs) in {total_chunks} chunk(s) "
+          f"({encoded} encoded, {skipped} already done) -> {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from phiforge.cli import run_main
+    sys.exit(run_main(main, sys.argv[1:]))
