@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# End to end at tiny scale: tokenizer -> pretrain a small model -> SFT on ../shared/data/sft -> DPO on
+# ../shared/data/preference, with the numbers the post-training issue asks for (docs/posttrain.md):
+#   OUT/sft/eval.json   held-out SFT loss and the share of greedy answers that end with <|end|>
+#   OUT/dpo/eval.json   held-out reward accuracy / margin of the DPO model
+#
+#   scripts/posttrain_tiny.sh                                   # defaults: a few minutes on one GPU
+#   OUT=runs/pt_small PRETRAIN_STEPS=300 SFT_STEPS=200 DPO_STEPS=100 MODEL=tiny scripts/posttrain_tiny.sh   # CPU
+set -euo pipefail
+PY=${PY:-python}
+SHARED=${SHARED:-../shared}
+D=$SHARED/data
+OUT=${OUT:-runs/posttrain_tiny}
+MODEL=${MODEL:-small-20m}
+VOCAB=${VOCAB:-8192}
+SEQ=${SEQ:-512}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-500}
+SFT_STEPS=${SFT_STEPS:-800}
+DPO_STEPS=${DPO_STEPS:-250}
+DPO_LOSS=${DPO_LOSS:-dpo}
+mkdir -p "$OUT"
+start=$(date +%s)
+
+# 1. tokenizer on general text (stories, web, wiki)
+if [ ! -f "$OUT/tok/tokenizer.json" ]; then
+  $PY - "$D" "$OUT/corpus.txt" <<'EOF'
+import gzip, json, sys
+d, out = sys.argv[1], sys.argv[2]
+with open(out, "w") as f:
+    f.write(gzip.open(f"{d}/tinystories/TinyStories-train_first2MiB.txt.gz", "rt").read().replace("<|endoftext|>", "\n"))
+    for line in gzip.open(f"{d}/web/c4_en_train_first1000.jsonl.gz", "rt"):
+        f.write(json.loads(line)["text"] + "\n")
+    f.write(open(f"{d}/web/wiki_demo_llamafactory.txt").read())
+EOF
+  $PY -m phiforge.tokenizer --files "$OUT/corpus.txt" --vocab-size "$VOCAB" --out "$OUT/tok"
+fi
+
+# 2. pretrain (stories + web + wiki)
+if [ ! -d "$OUT/pretrain/final" ]; then
+  $PY -m phiforge.train.tokenize --tokenizer "$OUT/tok" --out "$OUT/tokens" --text-sep line "$OUT/corpus.txt"
+  cat > "$OUT/pretrain.yaml" <<EOF
+out: $OUT/pretrain
+model: $MODEL
+model_args: {max_position_embeddings: 1024, original_max_position_embeddings: 1024}
+sources: {general: $OUT/tokens}
+tokenizer: $OUT/tok
+seq_len: $SEQ
+batch_size: 32
+lr: 0.001
+min_lr: 0.0001
+warmup_steps: ${PRETRAIN_WARMUP:-50}
+max_steps: $PRETRAIN_STEPS
+eval_every: 250
+ckpt_every: 500
+log_every: 50
+dtype: ${DTYPE:-fp32}
+EOF
+  $PY -m phiforge.train.pretrain --config "$OUT/pretrain.yaml"
+fi
+
+# 3. SFT on the shared SFT data (Alpaca, LIMA with multi-turn history, AlpacaEval outputs); long ones are skipped
+if [ ! -f "$OUT/sft/eval.json" ]; then
+  $PY -m phiforge.train.sft --model "$OUT/pretrain/final" --out "$OUT/sft" \
+    --data "$D/sft/alpaca_5000_subset.json" "$D/sft/alpaca_en_demo.json" "$D/sft/lima_1k.json" \
+           "$D/sft/alpaca_eval_805_gpt4_1106_preview_outputs.json" \
+    --seq_len 1024 --batch_size 16 --lr "${SFT_LR:-3e-4}" --min_lr 5e-5 --max_steps "$SFT_STEPS" --warmup_steps 30 \
+    --val_max 200 --eval_every 100 --ckpt_every 200 --log_every 20 --end_eval "${END_EVAL:-200}" --end_max_new_tokens 512 \
+    --dtype "${DTYPE:-fp32}"
+fi
+
+# 4. DPO on the shared preference pairs (HH-RLHF harmless + LLaMA-Factory DPO demo)
+if [ ! -f "$OUT/dpo/eval.json" ]; then
+  $PY -m phiforge.train.dpo --model "$OUT/sft/final" --out "$OUT/dpo" \
+    --data "$D/preference/hh-rlhf_harmless-base_test.jsonl.gz" "$D/preference/dpo_en_demo.json" \
+    --loss "$DPO_LOSS" --beta 0.1 --seq_len 1024 --batch_size 16 --lr "${DPO_LR:-2e-5}" --max_steps "$DPO_STEPS" \
+    --warmup_steps 20 --val_max 250 --eval_every 100 --ckpt_every 200 --log_every 20 --dtype "${DTYPE:-fp32}"
+fi
+
+echo "posttrain_tiny: done in $(( $(date +%s) - start ))s"
+echo "SFT: $(cat "$OUT/sft/eval.json" | tr -d '\n ')"
+echo "DPO: $(cat "$OUT/dpo/eval.json" | tr -d '\n ')"
