@@ -26,8 +26,11 @@ def load(path_or_preset: str, dtype="float32", device: str = "cpu", seed: int = 
         model = build_model(Phi3Config.from_name(path_or_preset), dtype, device, init=False)
         model.init_weights(seed=seed)
         return model.to(dtype).eval(), None
-    model = load_hf_folder(path_or_preset, dtype=dtype, device=device)
     folder = Path(path_or_preset)
+    if (folder / "quant_config.json").exists():  # written by `phiforge quantize`
+        from phiforge.quant import load_quantized
+        return load_quantized(folder, dtype=dtype, device=device)
+    model = load_hf_folder(path_or_preset, dtype=dtype, device=device)
     has_tok = folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
     return model, (Tokenizer.from_folder(folder) if has_tok else None)
 

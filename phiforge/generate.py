@@ -360,7 +360,7 @@ class BatchState:
                  compile: bool = False, bucket: int = 64):
         cfg = model.config
         self.model, self.tok, self.cfg = model, tokenizer, cfg
-        self.device = model.lm_head.weight.device
+        self.device = model.model.norm.weight.device
         self.max_len = int(max_len or cfg.max_position_embeddings)
         self.cache = model.make_cache(max_batch, self.max_len)
         self.rows: list[Sequence | None] = [None] * max_batch
@@ -731,7 +731,7 @@ def loglikelihood(model, contexts: Seq[Seq[int]], continuations: Seq[Seq[int]], 
                 for r, it in enumerate(group):
                     ids[r, :len(it[3])] = torch.tensor(it[3])
                     positions[r, :len(it[3])] = torch.arange(len(it[3]))
-                dev = model.lm_head.weight.device
+                dev = model.model.norm.weight.device
                 logp = torch.log_softmax(model(ids.to(dev), positions.to(dev), long_rope=group[0][0]).float(), dim=-1)
                 logp = logp.cpu()
                 for r, (_, _, i, inp, target) in enumerate(group):

@@ -387,7 +387,7 @@ class Phi3(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """The one init function: every matrix N(0, 0.02); residual output projections (o_proj, down_proj)
         scaled by 1/sqrt(2 * n_layers) as in GPT-2; norms at 1."""
-        device = self.lm_head.weight.device
+        device = self.model.norm.weight.device
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
@@ -405,7 +405,7 @@ class Phi3(nn.Module):
                 self.lm_head.weight.normal_(0.0, std, generator=gen)
 
     def make_cache(self, batch: int, slots: int, dtype=None, device=None) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.norm.weight  # not lm_head: a quantized lm_head has no plain weight tensor
         return KVCache(self.config, batch, slots, dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,

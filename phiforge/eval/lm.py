@@ -27,7 +27,7 @@ class LocalLM:
         self.model, self.tok = model.eval(), tokenizer
         self.batch_size, self.min_shared_prefix = batch_size, min_shared_prefix
         self.max_length = max_length or model.config.max_position_embeddings
-        self.device = model.lm_head.weight.device
+        self.device = model.model.norm.weight.device
         self.encode = lru_cache(maxsize=65536)(self._encode)
 
     def _encode(self, text: str) -> tuple[int, ...]:

@@ -74,7 +74,7 @@ def score_prompt(model, ids: list[int], k: int, chunk: int = 256) -> list:
     [(id, logprob | None, top-k | None)]; the first token has none, as in OpenAI's echo."""
     out = [(ids[0], None, None)]
     with torch.inference_mode():
-        h = model(torch.tensor([ids], device=model.lm_head.weight.device), return_hidden=True)[0]  # (T, C)
+        h = model(torch.tensor([ids], device=model.model.norm.weight.device), return_hidden=True)[0]  # (T, C)
         for c0 in range(0, len(ids) - 1, chunk):
             c1 = min(len(ids) - 1, c0 + chunk)
             lp = torch.log_softmax(model.lm_head(h[c0:c1]).float(), dim=-1).cpu()  # predicts ids[c0+1 : c1+1]

@@ -1,0 +1,137 @@
+"""GGUF export: our q8_0 / q4_0 / q4_K block code against gguf-py's dequantization (bit-exact), and a tiny
+exported model read back with gguf's reader: every tensor, every metadata key, the tokenizer and chat template."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from phiforge.export import blocks  # noqa: E402
+from phiforge.export.gguf import GGUF_NAMES, export_gguf, gguf_name  # noqa: E402
+from phiforge.model import Phi3, Phi3Config  # noqa: E402
+from phiforge.utils import UserError  # noqa: E402
+
+QT = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+      "q4_k": gguf.GGMLQuantizationType.Q4_K}
+
+
+def _weights(rows=6, cols=512, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block (scale 0)
+    x[1, :256] = -np.abs(x[1, :256])  # negative-dominated blocks: q4_0's signed max, q4_K's min
+    x[2, :256] = np.abs(x[2, :256]) + 0.01  # strictly positive: q4_K's min clamps to 0
+    x[3, 5] = 3.0  # an outlier
+    return x
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
+def test_our_blocks_dequantize_exactly_like_gguf(fmt):
+    x = _weights()
+    data = blocks.QUANTIZE[fmt](x)
+    assert data.dtype == np.uint8 and data.shape == (6, 512 // blocks.BLOCK[fmt] * blocks.BYTES[fmt])
+    ours = blocks.DEQUANTIZE[fmt](data)
+    theirs = gguf.quants.dequantize(data, QT[fmt])
+    assert ours.shape == x.shape and np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    # and they are a quantization of x: bounded error everywhere, exact zeros stay zero
+    bound = {"q8_0": 0.5 / 127, "q4_0": 1 / 8, "q4_k": 1 / 15 + 2 / 63}[fmt]
+    amax = np.abs(x.reshape(-1, blocks.BLOCK[fmt])).max(1, keepdims=True)
+    assert (np.abs(ours - x).reshape(-1, blocks.BLOCK[fmt]) <= amax * bound * 1.05 + 1e-6).all()
+    assert (ours[0, :32] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_our_quantizers_make_the_same_bytes_as_gguf(fmt):
+    x = _weights(seed=1)
+    assert np.array_equal(blocks.QUANTIZE[fmt](x), gguf.quants.quantize(x, QT[fmt]))
+
+
+def _tiny_model(preset: str, **kw):
+    cfg = Phi3Config.from_name(preset).replace(hidden_size=256, intermediate_size=512, num_attention_heads=16,
+                                               num_key_value_heads=4, **kw)
+    torch.manual_seed(0)
+    model = Phi3(cfg)
+    model.init_weights(seed=0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0", "q4_k_m"])
+def test_exported_file_reads_back_with_every_tensor_and_key(tmp_path, trained_tokenizer, kind):
+    model = _tiny_model("tiny-128k", sliding_window=31)  # LongRoPE factors and a sliding window
+    path = export_gguf(model, trained_tokenizer, tmp_path / "m.gguf", kind, name="tiny")
+    r = gguf.GGUFReader(str(path))
+    cfg = model.config
+
+    def field(key):
+        f = r.fields[key]
+        return f.contents()
+
+    assert field("general.architecture") == "phi3"
+    expect = {"phi3.block_count": 2, "phi3.embedding_length": 256, "phi3.feed_forward_length": 512,
+              "phi3.attention.head_count": 16, "phi3.attention.head_count_kv": 4, "phi3.context_length": 1024,
+              "phi3.rope.scaling.original_context_length": 32, "phi3.rope.dimension_count": cfg.rotary_dim,
+              "phi3.attention.sliding_window": 31}
+    for key, value in expect.items():
+        assert field(key) == value, key
+    assert field("phi3.rope.scaling.attn_factor") == pytest.approx(
+        float(np.sqrt(1 + np.log(1024 / 32) / np.log(32))), rel=1e-6)
+    assert field("phi3.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size and field("tokenizer.ggml.model") == "gpt2"
+    assert tokens[trained_tokenizer.token_to_id("<|end|>")] == "<|end|>"
+    assert field("tokenizer.ggml.eot_token_id") == trained_tokenizer.end_id
+    assert field("tokenizer.chat_template") == trained_tokenizer.chat_template
+    assert len(field("tokenizer.ggml.merges")) > 0
+
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    tensors = {t.name: t for t in r.tensors}
+    assert set(tensors) == {gguf_name(k) for k in state} | {"rope_factors_long.weight", "rope_factors_short.weight"}
+    np.testing.assert_array_equal(tensors["rope_factors_long.weight"].data, cfg.rope_scaling["long_factor"])
+    for hf_name, w in state.items():
+        t = tensors[gguf_name(hf_name)]
+        assert tuple(int(d) for d in t.shape[::-1]) == w.shape, hf_name  # gguf lists dims fastest-first
+        fmt = t.tensor_type.name.lower()
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        if fmt in ("q8_0", "q4_0", "q4_k"):
+            want = blocks.DEQUANTIZE[fmt](blocks.QUANTIZE[fmt](w))
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), hf_name
+        else:
+            np.testing.assert_array_equal(got, w.astype(np.float16 if fmt == "f16" else np.float32))
+    ffn = tensors["blk.0.ffn_up.weight"].tensor_type.name.lower()
+    assert ffn == {"f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k"}[kind]
+
+
+def test_mapping_is_complete_for_a_phi3_state_dict():
+    model = _tiny_model("tiny")
+    names = {gguf_name(k) for k in model.state_dict()}
+    assert len(names) == len(model.state_dict())
+    assert len(GGUF_NAMES) == 9
+
+
+def test_unsupported_type_model_and_missing_tokenizer_are_one_clear_error(tmp_path, trained_tokenizer, capsys):
+    from phiforge.cli import main as cli
+
+    model = _tiny_model("tiny")
+    with pytest.raises(UserError, match="unsupported GGUF type 'q5_k'"):
+        export_gguf(model, trained_tokenizer, tmp_path / "x.gguf", "q5_k")
+    with pytest.raises(UserError, match="no tokenizer"):
+        export_gguf(model, None, tmp_path / "x.gguf", "f16")
+    with pytest.raises(UserError, match="no GGUF name"):
+        gguf_name("model.layers.0.mlp.gate_proj.weight")
+    assert not (tmp_path / "x.gguf").exists()
+    assert cli(["export", "gguf", "tiny", "--type", "q3_k", "--out", str(tmp_path / "y.gguf")]) == 2
+    assert cli(["export", "onnx", "tiny", "--out", str(tmp_path / "y.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("phiforge: error: unsupported") for line in err)
+
+
+def test_cli_exports_a_saved_model_folder(tmp_path, trained_tokenizer):
+    from phiforge.checkpoint import save_hf_folder
+    from phiforge.export import main
+
+    save_hf_folder(_tiny_model("tiny"), tmp_path / "m", tokenizer=trained_tokenizer)
+    assert main(["gguf", str(tmp_path / "m"), "--type", "q8_0", "--out", str(tmp_path / "m.gguf")]) == 0
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
