@@ -38,7 +38,7 @@ from phiforge.train.pref_losses import cdpo_loss, dpo_loss, ipo_loss, preference
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.sft import (add_adapters, export, load_model_and_tokenizer, make_logger, pick_device, read_data,
                                 reset_metrics)
-from phiforge.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
 from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
 
 LOSSES = ("dpo", "ipo", "cdpo")
@@ -151,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.lora = True
     out = Path(cfg.out)
     print(format_config(cfg), end="", file=sys.stderr)
-    ckpt_path = None
-    if args.resume:
-        ckpt_path = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if ckpt_path is None:
-            raise UserError(f"--resume: no checkpoint in {out / 'ckpt'}")
-    elif latest_checkpoint(out) is not None:
-        raise UserError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
+    ckpt_path = resume_point(out, args.resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

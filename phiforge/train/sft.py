@@ -32,7 +32,7 @@ from phiforge.train.chat_data import SkipReport, batches, build_sft, read_record
 from phiforge.train.config import format_config, parse_overrides, resolve_config, save_config
 from phiforge.train.losses import cross_entropy
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
-from phiforge.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
 from phiforge.utils import UserError, atomic_write_json, atomic_write_text
 
 
@@ -218,13 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.lora = True
     out = Path(cfg.out)
     print(format_config(cfg), end="", file=sys.stderr)
-    ckpt_path = None
-    if args.resume:
-        ckpt_path = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if ckpt_path is None:
-            raise UserError(f"--resume: no checkpoint in {out / 'ckpt'}")
-    elif latest_checkpoint(out) is not None:
-        raise UserError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
+    ckpt_path = resume_point(out, args.resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

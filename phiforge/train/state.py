@@ -144,6 +144,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_point(run_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint a run starts from: None for a fresh run, the newest (`resume == "latest"`) or the given one.
+    A fresh run into a folder that already holds checkpoints is refused rather than silently overwriting them."""
+    run_dir = Path(run_dir)
+    if resume:
+        path = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {run_dir / 'ckpt'}")
+        return path
+    if latest_checkpoint(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
+    return None
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     meta: dict[str, Any] | None = None, config: Any = None, keep_last: int = 3) -> Path:
     """Write RUN/ckpt/step_<step> atomically and delete all but the newest `keep_last` checkpoints.
