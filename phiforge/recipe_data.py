@@ -16,7 +16,9 @@ Pretraining documents (documents.jsonl.gz: {"id", "text", "set", "doc_ratio"} re
               followed by its code without the docstring (the "synthetic textbook" analogue, no LLM involved).
 SFT ({"messages"}): "What does `mod.f` do?" -> the docstring's first paragraph; "Write the signature of `mod.f`."
 -> `def f(args):`. DPO ({"prompt", "chosen", "rejected"}): the "What does" prompts with chosen = the right summary and
-rejected = the summary of another, randomly drawn function (a wrong but fluent answer).
+rejected = the same words in a shuffled order (a fluency preference a 5M-parameter model can learn; with rejected = another
+function's summary, which takes knowledge of that function the tiny model lacks, held-out reward accuracy stayed at
+chance: 0.43 on 100 pairs).
 Stories: stories are documents; `phiforge data filter` + `dedup` make the phase-2 subset; SFT = "Continue this
 story: <first two sentences>" -> the next three; DPO rejected = three sentences of another story.
 """
@@ -233,16 +235,17 @@ def stdlib_sft_dpo(facts: list[dict], sft_max: int, seed: int) -> tuple[list[dic
     rng = random.Random(seed)
     facts = sorted({f["name"]: f for f in facts}.values(), key=lambda f: _h(f["name"], "sft"))
     sft, dpo = [], []
-    summaries = [f["summary"] for f in facts]
     for f in facts:
         q = f"What does `{f['name']}` do?"
         sft.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f["summary"]}]})
         if f["signature"]:
             sft.append({"messages": [{"role": "user", "content": f"Write the signature of `{f['name']}`."},
                                      {"role": "assistant", "content": f["signature"]}]})
-        other = summaries[rng.randrange(len(summaries))]
-        if other != f["summary"]:
-            dpo.append({"prompt": q, "chosen": f["summary"], "rejected": other})
+        words = f["summary"].split()
+        rng.shuffle(words)
+        scrambled = " ".join(words)
+        if scrambled != " ".join(f["summary"].split()):  # one- and two-word summaries may come back unchanged
+            dpo.append({"prompt": q, "chosen": f["summary"], "rejected": scrambled})
     return sft[:sft_max] if sft_max else sft, dpo[:sft_max // 2] if sft_max else dpo
 
 

@@ -123,6 +123,7 @@ def test_stdlib_corpus_is_deterministic_and_holds_out(tmp_path):
     assert len(sft) == 100 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in sft)
     dpo = [json.loads(ln) for ln in (tmp_path / "a/dpo.jsonl").read_text().splitlines()]
     assert dpo and all(r["chosen"] != r["rejected"] and r["prompt"].startswith("What does") for r in dpo)
+    assert all(sorted(r["rejected"].split()) == sorted(r["chosen"].split()) for r in dpo)  # same words, shuffled
     # the held-out questions are about held-out files, never asked in training
     asked = {r["messages"][0]["content"] for r in sft}
     heldout_qa = [json.loads(ln) for ln in (tmp_path / "a/heldout_sft.jsonl").read_text().splitlines()]
