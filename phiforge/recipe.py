@@ -643,7 +643,9 @@ def plot_losses(ctx: Ctx, path: Path) -> None:
         ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
     if va:
         ax.plot([r["step"] for r in va], [r["val_loss"] for r in va], marker="o", ms=3, label="held-out loss")
-        ax.plot([r["step"] for r in va], [r["val_rewards/accuracies"] for r in va], marker="s", ms=3, ls=":",
+        # at step 0 the policy is the reference: every reward is 0 and "chosen > rejected" is a tie, not a 0.0
+        acc = [r for r in va if r["step"] > 0]
+        ax.plot([r["step"] for r in acc], [r["val_rewards/accuracies"] for r in acc], marker="s", ms=3, ls=":",
                 label="held-out reward accuracy")
     ax.set(title="DPO", xlabel="step", ylabel="loss / accuracy")
     for ax in axes:
