@@ -1,4 +1,4 @@
-"""`phiforge export gguf MODEL --type f16|q8_0|q4_0|q4_k_m --out FILE`
+"""`phiforge export gguf MODEL --type f32|f16|q8_0|q4_0|q4_k_m --out FILE`
 
     phiforge export gguf runs/demo/final --type q4_k_m --out runs/demo/model-q4_k_m.gguf
     llama-cli -m runs/demo/model-q4_k_m.gguf -p "Once upon a time"     # or: ollama create demo -f Modelfile

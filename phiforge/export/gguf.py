@@ -28,7 +28,7 @@ GGUF_NAMES = {
     "lm_head.weight": "output.weight",
 }
 
-TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
+TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 
 
 def gguf_name(hf_name: str) -> str:
@@ -46,7 +46,7 @@ def _tensor_type(gguf_tensor: str, shape: tuple, kind: str) -> str:
     """Per-tensor format for a file type. Like llama-quantize, norms stay f32 and the output matrix gets more
     bits (q8_0 here, where llama.cpp uses q6_K, which we do not implement); rows that do not fit a block size
     fall back to q8_0, then f16."""
-    if len(shape) == 1:
+    if len(shape) == 1 or kind == "f32":
         return "f32"
     k = shape[-1]
     want = {"f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k"}[kind]
@@ -60,7 +60,7 @@ def _tensor_type(gguf_tensor: str, shape: tuple, kind: str) -> str:
 def _file_type(kind: str):
     from gguf import LlamaFileType as F
 
-    return {"f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_k_m": F.MOSTLY_Q4_K_M}[kind]
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_k_m": F.MOSTLY_Q4_K_M}[kind]
 
 
 def _add_metadata(w, cfg, name: str, kind: str) -> None:
