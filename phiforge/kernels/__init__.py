@@ -31,12 +31,16 @@ def _build() -> bool:
 
     if not (_cpu_ok() and shutil.which(os.environ.get("CXX", "c++")) and cpp_extension.is_ninja_available()):
         return False
-    key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    # -fopenmp: at::parallel_for is a header-inlined `#pragma omp parallel` under torch's OpenMP backend; without the
+    # flag it silently runs on one thread. Compiled with it but not linked against a libgomp of our own, the GOMP
+    # symbols resolve to the runtime torch already loaded, so there is one thread pool, torch's.
+    cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"]
+    key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
     root = Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache" / "phiforge")) / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)
     # is_python_module=False: the .so only registers torch.ops.phiforge.*, so no pybind11 headers (faster build).
     cpp_extension.load(name="phiforge_int4", sources=[str(_SRC)], build_directory=str(root), is_python_module=False,
-                       extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-DNDEBUG"], verbose=False)
+                       extra_cflags=cflags, verbose=False)
     return True
 
 
