@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def chat_model(trained_tokenizer, tmp_path_factory):
     tok = trained_tokenizer
+    # Wide enough that a 3000-token answer takes seconds even on an idle machine: the Ctrl-C tests must interrupt
+    # an answer still being written (with the 64-wide preset, 1000 tokens could finish before the signal landed).
     cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                                bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
+                                               hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                                                max_position_embeddings=4096, original_max_position_embeddings=4096)
     torch.manual_seed(0)
     model = Phi3(cfg)
@@ -71,7 +74,7 @@ def test_chat_piped_history_reset_system_exit(chat_model):
 
 def test_ctrl_c_stops_the_answer_not_the_session(chat_model):
     model, tok, folder = chat_model
-    n = 1000
+    n = 3000
     long = generate(model, tok, tok.apply_chat_template([{"role": "user", "content": "Go"}],
                                                         add_generation_prompt=True, tokenize=True),
                     max_new_tokens=n)
@@ -110,7 +113,7 @@ def test_chat_through_a_pseudo_terminal(chat_model):
     if pid == 0:  # child: exec at once
         os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         os.chdir(ROOT)
-        os.execv(sys.executable, [sys.executable, "-m", "phiforge.chat", str(folder), "--max-new-tokens", "1000"])
+        os.execv(sys.executable, [sys.executable, "-m", "phiforge.chat", str(folder), "--max-new-tokens", "3000"])
     buf = b""
 
     def read_until(marker: bytes, start: int = 0, timeout: float = 90.0) -> int:
