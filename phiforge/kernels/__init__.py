@@ -44,13 +44,21 @@ def _build() -> bool:
     return True
 
 
+def _register_fake() -> None:
+    """Shape rule for torch.compile (the decode step compiles with the kernel inside the graph)."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("phiforge::int4_mm", "Meta"):
+        return
+    torch.library.register_fake("phiforge::int4_mm")(lambda x, wt, sm, group_size: x.new_empty(x.shape[0], wt.shape[0]))
+
+
 def int4_mm():
-    """The int4 matmul op (x fp32 [M,K], qweight uint8 [N,K/2], scales, offsets fp16 [N,K/G], G) or None."""
+    """The int4 matmul op (x fp32 [M,K], wt uint8 [Np,K/2], sm fp16 [Np/4,K/G,8] from quant.tile_int4, G) or None."""
     if "int4_mm" not in _state:
         op = None
         try:
             if hasattr(torch.ops.phiforge, "int4_mm") or _build():
                 op = torch.ops.phiforge.int4_mm
+                _register_fake()
         except Exception as e:  # a broken toolchain must not break inference: fall back to pure torch
             warnings.warn(f"phiforge: int4 C++ kernel unavailable ({type(e).__name__}: {str(e)[:200]}); "
                           "using the slower pure-torch path")
