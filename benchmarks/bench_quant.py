@@ -13,7 +13,7 @@ the same file. Also printed: every int4 matmul forced through aten's _weight_int
 on the same (dequantized) weights. Without a llama.cpp build (--llama-cpp DIR, $LLAMA_CPP_BIN, PATH, or where
 scripts/build_llama_cpp.sh puts it) the headline is against our bf16 path. Our model calls are the engine's
 (prefill over a static KVCache, then one-token decode steps); llama-bench's are its own (pp = one prompt batch,
-tg = one-token decode steps), each the mean of --reps runs.
+tg = one-token decode steps, taken after the prompt is in the cache, -d), each the mean of --reps runs.
 """
 from __future__ import annotations
 
@@ -129,15 +129,16 @@ def find_llama_cpp(arg: str | None) -> Path | None:
 
 def llama_bench(bin_dir: Path, gguf_path: Path, threads: int, prompt_len: int, n_decode: int,
                 reps: int) -> tuple[float, float]:
-    """llama-bench's mean decode (tg) and prompt (pp) tokens/s."""
+    """llama-bench's mean decode (tg) and prompt (pp) tokens/s. Decode is taken at depth prompt_len (the KV cache
+    already holding the prompt, as in our measurement), prompt processing at depth 0."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf_path), "-t", str(threads), "-p", str(prompt_len),
-           "-n", str(n_decode), "-r", str(reps), "-o", "json"]
+           "-n", str(n_decode), "-d", f"0,{prompt_len}", "-r", str(reps), "-o", "json"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         raise SystemExit(f"llama-bench failed ({res.returncode}): {res.stderr[-2000:]}")
     rows = json.loads(res.stdout)
-    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
-    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r.get("n_depth", prompt_len) == prompt_len)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
     print(f"  measured: decode {tg:.2f} tok/s, prompt {pp:.2f} tok/s ({rows[0].get('build_commit', '?')}, "
           f"{rows[0].get('cpu_info', '')})", flush=True)
     return tg, pp
