@@ -13,6 +13,7 @@ context, the oldest turns are dropped.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from phiforge.generate import (add_model_args, add_sampling_args, config_from_args, load_for_cli,
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_for_cli(args)
     if sys.stdin.isatty():
         print(f"phiforge chat: {args.model} ({HELP}; Ctrl-C stops an answer)", file=sys.stderr)
+    # Ctrl-C is this REPL's "stop the answer" key, so it must raise KeyboardInterrupt even when the process
+    # inherited SIGINT as ignored (anything started in the background by a non-interactive shell, e.g. `make test
+    # &`): Python keeps an inherited SIG_IGN and Ctrl-C would silently do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return repl(ChatSession(model, tokenizer, config, system=args.system, compile=args.compile))
 
 
