@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -117,6 +118,8 @@ def untile_int4(wt: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
+
+_TILE_LOCK = threading.Lock()
 
 
 class Int8Linear(nn.Module):
@@ -245,10 +248,14 @@ class Int4Linear(nn.Module):
             return (self.qweight if wt is None else wt), sm
         key = (self.scales._version, self.offsets._version, self.scales.data_ptr(), self.offsets.data_ptr())
         if self._ours is None or self._ours[2] != key:
-            wt, sm = tile_int4(self.rows_qweight(), self.scales, self.offsets)
-            if self.out_features % 4 == 0:
-                self.qweight, self._tiled = wt, True  # same shape, tiled bytes
-            self._ours = (None if self._tiled else wt, sm, key)
+            # Setting qweight and _tiled is two steps: a second thread reading rows_qweight() between them
+            # would retile tiles and scramble W. The server runs the model on one thread; this is cheap insurance.
+            with _TILE_LOCK:
+                if self._ours is None or self._ours[2] != key:
+                    wt, sm = tile_int4(self.rows_qweight(), self.scales, self.offsets)
+                    if self.out_features % 4 == 0:
+                        self.qweight, self._tiled = wt, True  # same shape, tiled bytes
+                    self._ours = (None if self._tiled else wt, sm, key)
         wt, sm, _ = self._ours
         return (self.qweight if wt is None else wt), sm
 
