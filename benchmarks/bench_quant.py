@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -34,6 +32,7 @@ import torch.nn as nn
 
 from phiforge.model import KVCache, Phi3, Phi3Config, RotaryEmbedding
 from phiforge.quant import Int4Linear, _set_module, quantize_int4
+from phiforge.utils import llama_cpp_bin
 
 def build_int4(cfg: Phi3Config, group_size: int, seed: int = 0) -> Phi3:
     """Random int4 weights straight into Int4Linear (a float phi-3-mini would need 15 GB first)."""
@@ -82,7 +81,7 @@ def write_q4_0_gguf(model: Phi3, path: Path) -> Path:
     16 packed bytes (our packing is ggml's nibble order). No vocabulary ("no_vocab"): llama-bench feeds token ids."""
     import gguf
 
-    from phiforge.export.gguf import _add_metadata, float_state, gguf_name
+    from phiforge.export.gguf import _add_metadata, gguf_name
 
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "phi3")
@@ -115,16 +114,11 @@ def float_state_small(model: Phi3) -> dict[str, torch.Tensor]:
 
 
 def find_llama_cpp(arg: str | None) -> Path | None:
-    """The folder holding llama-bench and llama-quantize: --llama-cpp, $LLAMA_CPP_BIN, PATH, or the folder
-    scripts/build_llama_cpp.sh fills."""
-    cache = Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache/phiforge")) / "llama.cpp/bin"
-    for d in (arg, os.environ.get("LLAMA_CPP_BIN"), Path(shutil.which("llama-bench")).parent
-              if shutil.which("llama-bench") else None, cache):
-        if d and (Path(d) / "llama-bench").exists() and (Path(d) / "llama-quantize").exists():
-            return Path(d)
-    if arg:
+    """The folder holding llama-bench and llama-quantize (see phiforge.utils.llama_cpp_bin)."""
+    found = llama_cpp_bin("llama-bench", "llama-quantize", explicit=arg)
+    if arg and found != Path(arg):
         raise SystemExit(f"--llama-cpp {arg}: no llama-bench and llama-quantize there")
-    return None
+    return found
 
 
 def llama_bench(bin_dir: Path, gguf_path: Path, threads: int, prompt_len: int, n_decode: int,

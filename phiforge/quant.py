@@ -243,19 +243,19 @@ class Int4Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _ours_args(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._ours is not None and torch.compiler.is_compiling():  # tiles were built by an eager call
-            wt, sm, _ = self._ours
-            return (self.qweight if wt is None else wt), sm
-        key = (self.scales._version, self.offsets._version, self.scales.data_ptr(), self.offsets.data_ptr())
-        if self._ours is None or self._ours[2] != key:
-            # Setting qweight and _tiled is two steps: a second thread reading rows_qweight() between them
-            # would retile tiles and scramble W. The server runs the model on one thread; this is cheap insurance.
-            with _TILE_LOCK:
-                if self._ours is None or self._ours[2] != key:
-                    wt, sm = tile_int4(self.rows_qweight(), self.scales, self.offsets)
-                    if self.out_features % 4 == 0:
-                        self.qweight, self._tiled = wt, True  # same shape, tiled bytes
-                    self._ours = (None if self._tiled else wt, sm, key)
+        # Under torch.compile the tiles come from an earlier eager call (the version check does not trace).
+        if self._ours is None or not torch.compiler.is_compiling():
+            key = (self.scales._version, self.offsets._version, self.scales.data_ptr(), self.offsets.data_ptr())
+            if self._ours is None or self._ours[2] != key:
+                # Setting qweight and _tiled is two steps: a second thread reading rows_qweight() between them
+                # would retile tiles and scramble W. The server runs the model on one thread; this is cheap insurance.
+                with _TILE_LOCK:
+                    if self._ours is None or self._ours[2] != key:
+                        wt, sm = tile_int4(self.rows_qweight(), self.scales, self.offsets)
+                        if self.out_features % 4 == 0:
+                            self.qweight, self._tiled = wt, True  # same shape, tiled bytes
+                        # Tiled in place: keep None, not a second reference that .to() would leave behind.
+                        self._ours = (None if self._tiled else wt, sm, key)
         wt, sm, _ = self._ours
         return (self.qweight if wt is None else wt), sm
 
@@ -288,7 +288,9 @@ class Int4Linear(nn.Module):
             backend = self._pick(x2)
         if backend == "ours":
             wt, sm = self._ours_args()
-            y = _kernel()(x2.float().contiguous(), wt, sm, self.group_size)[:, : self.out_features]
+            y = _kernel()(x2.float().contiguous(), wt, sm, self.group_size)
+            if y.shape[1] != self.out_features:  # padded last tile
+                y = y[:, : self.out_features]
         elif backend == "torch":  # aten's kernel is fast with bf16 activations only (fp32 is ~15x slower)
             y = self._torch_int4(x2.to(torch.bfloat16))
         else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,4 +51,20 @@ def shared_dir() -> Path | None:
     for c in candidates:
         if c.is_dir():
             return c
+    return None
+
+
+def cache_dir() -> Path:
+    """$PHIFORGE_CACHE, default ~/.cache/phiforge: built kernels and the llama.cpp reference build."""
+    return Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache" / "phiforge"))
+
+
+def llama_cpp_bin(*tools: str, explicit: str | None = None) -> Path | None:
+    """The folder holding all of `tools` (llama.cpp binaries): `explicit`, $LLAMA_CPP_BIN, the folder of the first
+    tool on PATH, or where scripts/build_llama_cpp.sh puts them; None when none has them all."""
+    on_path = shutil.which(tools[0])
+    for d in (explicit, os.environ.get("LLAMA_CPP_BIN"), Path(on_path).parent if on_path else None,
+              cache_dir() / "llama.cpp" / "bin"):
+        if d and all((Path(d) / t).exists() for t in tools):
+            return Path(d)
     return None

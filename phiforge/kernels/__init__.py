@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from phiforge.utils import cache_dir
+
 _SRC = Path(__file__).with_name("int4_mm.cpp")
 _state: dict = {}
 
@@ -36,7 +38,7 @@ def _build() -> bool:
     # symbols resolve to the runtime torch already loaded, so there is one thread pool, torch's.
     cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"]
     key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache" / "phiforge")) / "kernels" / key
+    root = cache_dir() / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)
     # is_python_module=False: the .so only registers torch.ops.phiforge.*, so no pybind11 headers (faster build).
     cpp_extension.load(name="phiforge_int4", sources=[str(_SRC)], build_directory=str(root), is_python_module=False,
