@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from phiforge.generate import decode_one_token, prefill
+from phiforge.generate import compiled_cache_len, decode_one_token, prefill
 from phiforge.model import KVCache, Phi3, Phi3Config, RotaryEmbedding
 from phiforge.quant import Int4Linear, _set_module, quantize_int4
 from phiforge.utils import llama_cpp_bin
@@ -152,11 +152,9 @@ def measure(model: Phi3, dtype, prompt_len: int, n_decode: int, compile: bool = 
     """Prompt and decode tokens/s through the engine's own calls (phiforge.generate.prefill, decode_one_token):
     prefill into a static KVCache, logits for the last prompt token only (llama-bench's pp does the same), then
     one-token decode steps. With compile the decode step is torch.compile'd over the whole cache, as
-    `phiforge generate --compile` runs it (one static shape, the cache rounded up to a multiple of 256 slots)."""
+    `phiforge generate --compile` runs it (one static shape, the cache sized by generate.compiled_cache_len)."""
     cfg = model.config
-    slots = prompt_len + n_decode
-    if compile:
-        slots = -(-slots // 256) * 256
+    slots = compiled_cache_len(prompt_len + n_decode) if compile else prompt_len + n_decode
     cache = KVCache(cfg, 1, slots, dtype=dtype)
     step_model = torch.compile(model, dynamic=False) if compile else model
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len))

@@ -301,6 +301,12 @@ def decode_one_token(model, token_ids: torch.Tensor, positions: torch.Tensor, ca
 _COMPILED: dict = {}
 
 
+def compiled_cache_len(n: int) -> int:
+    """Cache slots for a compiled decode step that must hold n tokens. The step has one static shape per cache size,
+    so sizes are rounded up to a multiple of 256: requests of nearby lengths reuse one graph."""
+    return -(-n // 256) * 256
+
+
 def _compiled(model):
     """torch.compile'd model for decode calls, built once per model (compiling takes a while)."""
     key = id(model)
@@ -684,8 +690,8 @@ def stream_generate(model, tokenizer, prompts, config: GenerationConfig | None =
         return
     if max_len is None:
         max_len = max(len(p) for p in batch) + config.max_new_tokens
-        if compile:  # a compiled decode step has one static shape per cache size: round it to reuse graphs
-            max_len = -(-max_len // 256) * 256
+        if compile:
+            max_len = compiled_cache_len(max_len)
     state = BatchState(model, tokenizer, max_batch=len(batch), max_len=max_len, compile=compile)
     for i, ids in enumerate(batch):
         state.add(ids, config, index=i)
