@@ -96,7 +96,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor):
     """Row layout -> the C++ kernel's tiles of 4 rows (phiforge/kernels/int4_mm.cpp): per tile, each 32-weight
-    block's four 16-byte rows are 64 contiguous bytes, so the kernel reads one sequential stream per tile.
+    block is 64 contiguous bytes, bytes 0..7 of the four rows' 16-byte blocks then bytes 8..15, so the kernel reads
+    one sequential stream per tile and one 32-byte load covers 8 weights of all four rows.
     qweight [N, K/2] -> wt [Np, K/2] (Np = N rounded up to 4, zero rows appended); scales/offsets [N, K/G] ->
     sm fp16 [Np/4, K/G, 8] (per group: the 4 scales, then the 4 offsets)."""
     N, half = qweight.shape
@@ -104,7 +105,8 @@ def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
     if pad:
         qweight, scales, offsets = (F.pad(t, (0, 0, 0, pad)) for t in (qweight, scales, offsets))
     Np, ng = N + pad, scales.shape[1]
-    wt = qweight.reshape(Np // 4, 4, half // 16, 16).transpose(1, 2).reshape(Np, half).contiguous()
+    # [tile, row, block, half, byte] -> [tile, block, half, row, byte]
+    wt = qweight.reshape(Np // 4, 4, half // 16, 2, 8).permute(0, 2, 3, 1, 4).reshape(Np, half).contiguous()
     sm = torch.cat((scales.reshape(Np // 4, 4, ng).transpose(1, 2), offsets.reshape(Np // 4, 4, ng).transpose(1, 2)),
                    dim=2).half().contiguous()
     return wt, sm
@@ -113,7 +115,7 @@ def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
 def untile_int4(wt: torch.Tensor) -> torch.Tensor:
     """Inverse of tile_int4 for the weight bytes: wt [Np, K/2] -> qweight [Np, K/2] in row layout."""
     Np, half = wt.shape
-    return wt.reshape(Np // 4, half // 16, 4, 16).transpose(1, 2).reshape(Np, half).contiguous()
+    return wt.reshape(Np // 4, half // 16, 2, 4, 8).permute(0, 3, 1, 2, 4).reshape(Np, half).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +281,8 @@ class Int4Linear(nn.Module):
             return "dequant"
         if _kernel() is not None:
             return "ours"
-        return "torch" if self.out_features % 16 == 0 else "dequant"  # aten's int4 packing needs N % 16 == 0
+        # aten's int4 packing needs N % 16 == 0 and one of its four group sizes
+        return "torch" if self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256) else "dequant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

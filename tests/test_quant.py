@@ -63,13 +63,15 @@ def _backends():
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("M", [1, 3, 37])  # decode GEMV, the 4-row activation remainder, a prefill GEMM
-@pytest.mark.parametrize("G", [32, 64, 256])  # 1 block per group; 2; 8 (the kernel widens its s16 sums twice)
+# Blocks of 32 per group: 1; 2; 4; 8 (the kernel's compiled-in sizes; G = 96 below takes its generic path).
+@pytest.mark.parametrize("G", [32, 64, 128, 256])
 def test_int4_linear_matches_dequantized_reference(backend, M, G):
     N = 80 if backend == "torch" else 75  # aten needs N % 16 == 0; 75 exercises the kernel's padded last tile
-    lin = _linear(N, 256)
+    K = 768
+    lin = _linear(N, K)
     q = quant.Int4Linear.from_linear(lin, group_size=G)
     q.backend = backend
-    x = torch.randn(M, 256) * torch.linspace(0.1, 4, 256)  # uneven magnitudes: per-group activation scales matter
+    x = torch.randn(M, K) * torch.linspace(0.1, 4, K)  # uneven magnitudes: per-group activation scales matter
     W = q.dequantize()
     ref = x.double() @ W.double().T
     y = q(x)
@@ -97,6 +99,25 @@ def test_int4_linear_matches_dequantized_reference(backend, M, G):
         assert ((y.double() - ref).abs() <= bound + 1e-3).all()
     else:
         torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("M", [1, 6])
+def test_int4_odd_group_size(M, monkeypatch):
+    """G = 96: three blocks per group, so the kernel's generic path ends each group with a one-block s16 stage.
+    aten's int4 kernel does not take this size, so without our kernel auto must dequantize instead."""
+    from phiforge import kernels
+
+    q = quant.Int4Linear.from_linear(_linear(80, 768), group_size=96)
+    x = torch.randn(M, 768)
+    ref = x.double() @ q.dequantize().double().T
+    if kernels.int4_mm() is not None:
+        assert q._pick(x) == "ours"
+        d = x.reshape(M, -1, 96).abs().amax(-1) / 127  # the int8 activation step per group, as in the test above
+        bound = (q.dequantize().abs().double().reshape(80, -1, 96).sum(-1) @ (d.double().T / 2)).T
+        assert ((q(x).double() - ref).abs() <= bound * 1.001 + 1e-4).all()
+    monkeypatch.setitem(kernels._state, "int4_mm", None)
+    assert q._pick(x) == "dequant"
+    torch.testing.assert_close(q(x).double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_tiled_layout_round_trips_and_never_leaks_into_checkpoints():
