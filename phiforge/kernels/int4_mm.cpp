@@ -66,7 +66,9 @@ void tile(const Args& a, int64_t m0, int64_t t) {
         for (int r = 0; r < R; r++) {
           // lA: weights 0..7, lB: 8..15, hA: 16..23, hB: 24..31 of the block, each against its 8 activations.
           const int8_t* xp = a.xq + (m0 + r) * a.K + b * 32;
-          const auto x8 = [xp](int k) { return _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(xp + k)); };
+          const auto x8 = [xp](int k) {  // 8 activation bytes to all four lanes (__m128i loads may alias)
+            return _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xp + k)));
+          };
           s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lA, x8(0)));
           s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lB, x8(8)));
           s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hA, x8(16)));
