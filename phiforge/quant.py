@@ -33,6 +33,10 @@ import torch.nn.functional as F
 
 from phiforge.utils import UserError, atomic_write_json
 
+# The int4 group sizes `phiforge quantize` offers: the ones aten's int4 kernel takes and our kernel compiles in.
+# (Int4Linear itself accepts any multiple of 32, e.g. from a checkpoint made elsewhere.)
+GROUP_SIZES = (32, 64, 128, 256)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Primitives: round-to-nearest quantize / dequantize, int4 packing
 
@@ -281,8 +285,8 @@ class Int4Linear(nn.Module):
             return "dequant"
         if _kernel() is not None:
             return "ours"
-        # aten's int4 packing needs N % 16 == 0 and one of its four group sizes
-        return "torch" if self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256) else "dequant"
+        # aten's int4 packing needs N % 16 == 0 and one of its group sizes
+        return "torch" if self.out_features % 16 == 0 and self.group_size in GROUP_SIZES else "dequant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -567,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="phiforge quantize", description="Weight-only int8/int4 quantization.")
     ap.add_argument("model", help="HF model folder (or a preset name)")
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    ap.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64 or 128")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256")
     ap.add_argument("--symmetric", action="store_true", help="int4 symmetric (default asymmetric)")
     ap.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     ap.add_argument("--calib", default=None, help="GPTQ calibration text file (.txt, .gz, .jsonl, folder)")
@@ -576,8 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-bits", type=int, default=None, help="8: keep embeddings and lm_head at int8")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.group_size not in (32, 64, 128, 256):
-        raise UserError(f"--group-size must be 32, 64, 128 or 256, not {args.group_size}")
+    if args.group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {args.group_size}")
     from phiforge import load
 
     model, tok = load(args.model, dtype="float32")

@@ -3,8 +3,8 @@
 // Tiled layout (phiforge/quant.py `tile_int4`), like llama.cpp's repacked q4_0_4x8 (read, not copied): weight rows in
 // tiles of 4. wt: for tile t and 32-weight block b, 64 contiguous bytes (one cache line) hold bytes 0..7 of the four
 // rows' 16-byte blocks, then bytes 8..15 of the four rows; within a row's block byte j = q[j] | q[j + 16] << 4 (the
-// ggml block_q4_0 nibble order), q in 0..15. A tile is ONE sequential stream (four row streams plus scale reads
-// stalled on loads at half of llama.cpp's bandwidth), and one ymm of nibbles holds 8 weights of each of the 4 rows,
+// ggml block_q4_0 nibble order), q in 0..15. A tile is ONE sequential stream (the plain row layout's four streams
+// plus scale reads stalled on loads at half of llama.cpp's bandwidth), and one ymm of nibbles holds 8 weights of each of the 4 rows,
 // so each activation row needs a single s16 accumulator per tile: with 4 activation rows, 4 accumulators, 4
 // unpacked weight registers and the fp32 sums fit AVX2's 16 registers (the 16-byte-per-row layout needed two
 // accumulators per row and spilled). sm: [Np/4, K/G, 8] fp16, per tile and group the four rows' scales s then their
