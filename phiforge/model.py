@@ -410,7 +410,10 @@ class Phi3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 cache_slots: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                long_rope: bool | None = None, return_hidden: bool = False) -> torch.Tensor:
+                long_rope: bool | None = None, return_hidden: bool = False, targets: torch.Tensor | None = None,
+                ignore_index: int = -100) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V); with `targets` (B, T, already shifted) -> the mean cross-entropy
+        over targets != ignore_index, the LM head fused into the loss (no (B, T, V) logits; losses.py)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
@@ -446,6 +449,11 @@ class Phi3(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
+        if targets is not None:
+            from phiforge.train.losses import cross_entropy, linear_cross_entropy
+            if type(self.lm_head) is nn.Linear and not torch.compiler.is_compiling():  # inductor fuses the plain form
+                return linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index)
+            return cross_entropy(self.lm_head(x), targets, ignore_index)  # a swapped (quantized) head
         return self.lm_head(x)  # (B, T, V)
 
     def num_params(self) -> int:

@@ -33,7 +33,6 @@ import torch
 
 from phiforge.train import all_reduce_mean, cleanup_distributed, init_distributed, wrap_model
 from phiforge.train.config import format_config, resolve_config, save_config
-from phiforge.train.losses import cross_entropy
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.shards import open_shard, read_meta, shard_paths
 from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
@@ -310,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     def forward_loss(batch: torch.Tensor) -> torch.Tensor:
         x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            logits = forward(x)
-        return cross_entropy(logits, y)
+            return forward(x, targets=y)  # LM head fused into the loss (losses.linear_cross_entropy)
 
     @torch.no_grad()
     def evaluate() -> dict:

@@ -30,7 +30,6 @@ import torch
 
 from phiforge.train.chat_data import SkipReport, batches, build_sft, read_records, split
 from phiforge.train.config import format_config, parse_overrides, resolve_config, save_config
-from phiforge.train.losses import cross_entropy
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
 from phiforge.utils import UserError, atomic_write_json, atomic_write_text
@@ -263,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
           + (f", resumed from {ckpt_path} at step {step}" if ckpt_path else ""), file=sys.stderr)
 
     def loss_on(batch) -> torch.Tensor:
+        labels = batch["labels"].to(device)
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # (B, T): next token
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            logits = model(batch["input_ids"].to(device), positions=batch["positions"].to(device),
-                           attn_mask=batch["attn_mask"].to(device))
-        return cross_entropy(logits[:, :-1], batch["labels"][:, 1:].to(device))
+            return model(batch["input_ids"].to(device), positions=batch["positions"].to(device),
+                         attn_mask=batch["attn_mask"].to(device), targets=targets)
 
     @torch.no_grad()
     def evaluate() -> dict:
