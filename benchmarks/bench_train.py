@@ -8,8 +8,10 @@ Measured: phiforge eager, phiforge with torch.compile (`phiforge pretrain --comp
 (eager, sdpa). The last line reports phiforge's fastest configuration, torch.compile unless --no-compile; the line
 before it the eager ratio (same kernels as transformers: parity, not a speed-up).
 
-The step is what `phiforge pretrain` runs: forward, phiforge.train.losses.cross_entropy, backward, gradient
-clipping, AdamW from phiforge.train.schedule.make_optimizer (the reference gets the same optimizer).
+The step is what `phiforge pretrain` runs: forward with the LM head fused into the loss
+(phiforge.train.losses.linear_cross_entropy), backward, gradient
+clipping, AdamW from phiforge.train.schedule.make_optimizer. The reference gets the same optimizer and the same
+loss formula (its logits through phiforge.train.losses.cross_entropy = F.cross_entropy).
 Last line: `bench_train: <ratio>x vs transformers (goal >= 1.2x)`, ratio = phiforge tokens/s / transformers'.
 """
 from __future__ import annotations
@@ -77,8 +79,7 @@ def main(argv=None) -> int:
 
     def step_ours(b, fwd=ours):
         with amp():
-            logits = fwd(b[:, :-1])
-        loss = cross_entropy(logits, b[:, 1:])
+            loss = fwd(b[:, :-1], targets=b[:, 1:])  # as pretrain: the LM head fused into the loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         opt_ours.step()
