@@ -60,6 +60,7 @@ from typing import Callable, Iterable, Iterator, Sequence as Seq
 
 import torch
 
+from phiforge.fast import use_bf16_kernel
 from phiforge.utils import UserError
 
 Sampler = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
@@ -374,6 +375,7 @@ class BatchState:
         self.bucket = bucket  # decode attends to slots [0, cursor+1) rounded up to a multiple of this
         self._views: dict = {}
         self.compiled = compile
+        use_bf16_kernel(model)  # bf16 on CPU: decode rows through our GEMV kernel (phiforge/fast.py); else no-op
         self._decode_model = _compiled(model) if compile else model
         self.window = cfg.sliding_window
         self.long_capable = cfg.rope_scaling is not None

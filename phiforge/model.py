@@ -451,7 +451,7 @@ class Phi3(nn.Module):
             return x
         if targets is not None:
             from phiforge.train.losses import cross_entropy, linear_cross_entropy
-            if type(self.lm_head) is nn.Linear and not torch.compiler.is_compiling():  # inductor fuses the plain form
+            if isinstance(self.lm_head, nn.Linear) and not torch.compiler.is_compiling():  # inductor fuses the plain form
                 return linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index)
             return cross_entropy(self.lm_head(x), targets, ignore_index)  # a swapped (quantized) head
         return self.lm_head(x)  # (B, T, V)

@@ -1,7 +1,9 @@
 """Optional C++ kernels, found or built on first use, never required.
 
-`int4_mm()` returns torch.ops.phiforge.int4_mm, or None when it cannot be had: no AVX2/F16C CPU, no C++ compiler
-or ninja, or a failed build. Callers then use pure torch (see phiforge/quant.py), so importing never fails.
+`int4_mm()` returns torch.ops.phiforge.int4_mm (int4_mm.cpp) and `bf16_mv()` torch.ops.phiforge.bf16_mv
+(bf16_mv.cpp), or None when they cannot be had: no AVX2/F16C CPU, no C++ compiler or ninja, or a failed build.
+Callers then use pure torch (phiforge/quant.py, phiforge/fast.py), so importing never fails. Both sources build
+into one library.
 The build is cached under $PHIFORGE_CACHE (default ~/.cache/phiforge/kernels), keyed by source and torch version.
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 
 from phiforge.utils import cache_dir
 
-_SRC = Path(__file__).with_name("int4_mm.cpp")
+_SRCS = [Path(__file__).with_name(n) for n in ("int4_mm.cpp", "bf16_mv.cpp")]
+_HDRS = [Path(__file__).with_name("simd.h")]  # part of the cache key: an edit to it must rebuild
 _state: dict = {}
 
 
@@ -37,32 +40,48 @@ def _build() -> bool:
     # flag it silently runs on one thread. Compiled with it but not linked against a libgomp of our own, the GOMP
     # symbols resolve to the runtime torch already loaded, so there is one thread pool, torch's.
     cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"]
-    key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
+    src = b"".join(p.read_bytes() for p in _SRCS + _HDRS)
+    key = hashlib.sha256(src + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
     root = cache_dir() / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)
     # is_python_module=False: the .so only registers torch.ops.phiforge.*, so no pybind11 headers (faster build).
-    cpp_extension.load(name="phiforge_int4", sources=[str(_SRC)], build_directory=str(root), is_python_module=False,
-                       extra_cflags=cflags, verbose=False)
+    cpp_extension.load(name="phiforge_kernels", sources=[str(p) for p in _SRCS], build_directory=str(root),
+                       is_python_module=False, extra_cflags=cflags, verbose=False)
     return True
 
 
 def _register_fake() -> None:
-    """Shape rule for torch.compile (the decode step compiles with the kernel inside the graph)."""
-    if torch._C._dispatch_has_kernel_for_dispatch_key("phiforge::int4_mm", "Meta"):
-        return
-    torch.library.register_fake("phiforge::int4_mm")(lambda x, wt, sm, group_size: x.new_empty(x.shape[0], wt.shape[0]))
+    """Shape rules for torch.compile (the decode step compiles with the kernels inside the graph)."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("phiforge::int4_mm", "Meta"):
+        torch.library.register_fake("phiforge::int4_mm")(
+            lambda x, wt, sm, group_size: x.new_empty(x.shape[0], wt.shape[0]))
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("phiforge::bf16_mv", "Meta"):
+        torch.library.register_fake("phiforge::bf16_mv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+
+
+def _op(name: str):
+    if name not in _state:
+        op = None
+        try:
+            if not hasattr(torch.ops.phiforge, name) and "built" not in _state:
+                _state["built"] = False  # one build attempt per process, even if it raises
+                _state["built"] = _build()
+            if hasattr(torch.ops.phiforge, name):
+                op = getattr(torch.ops.phiforge, name)
+                _register_fake()
+        except Exception as e:  # a broken toolchain must not break inference: fall back to pure torch
+            warnings.warn(f"phiforge: C++ kernel {name} unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                          "using the slower pure-torch path")
+        _state[name] = op
+    return _state[name]
 
 
 def int4_mm():
     """The int4 matmul op (x fp32 [M,K], wt uint8 [Np,K/2], sm fp16 [Np/4,K/G,8] from quant.tile_int4, G) or None."""
-    if "int4_mm" not in _state:
-        op = None
-        try:
-            if hasattr(torch.ops.phiforge, "int4_mm") or _build():
-                op = torch.ops.phiforge.int4_mm
-                _register_fake()
-        except Exception as e:  # a broken toolchain must not break inference: fall back to pure torch
-            warnings.warn(f"phiforge: int4 C++ kernel unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                          "using the slower pure-torch path")
-        _state["int4_mm"] = op
-    return _state["int4_mm"]
+    return _op("int4_mm")
+
+
+def bf16_mv():
+    """The bf16 skinny matmul op (x bf16 [M,K] with M <= 4, w bf16 [N,K] contiguous, K % 8 == 0 -> bf16 [M,N])
+    or None."""
+    return _op("bf16_mv")

@@ -18,18 +18,14 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include "simd.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using phiforge_simd::hsum;
 
 struct Args {
   const uint8_t* w; const uint16_t* sm;               // tiled packed weight, tiled fp16 scales + offsets
