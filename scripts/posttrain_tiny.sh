@@ -5,7 +5,8 @@
 #   OUT/dpo/eval.json   held-out reward accuracy / margin of the DPO model
 #
 #   scripts/posttrain_tiny.sh                                   # defaults: a few minutes on one GPU
-#   OUT=runs/pt_small PRETRAIN_STEPS=300 SFT_STEPS=200 DPO_STEPS=100 MODEL=tiny scripts/posttrain_tiny.sh   # CPU
+#   scripts/posttrain_cpu.sh                                    # the 2-core CPU setting of docs/posttrain.md
+# Every setting below can be overridden from the environment.
 set -euo pipefail
 PY=${PY:-python}
 SHARED=${SHARED:-../shared}
@@ -18,6 +19,15 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-500}
 SFT_STEPS=${SFT_STEPS:-800}
 DPO_STEPS=${DPO_STEPS:-250}
 DPO_LOSS=${DPO_LOSS:-dpo}
+MODEL_ARGS=${MODEL_ARGS:-}            # extra model_args entries, YAML flow style without braces: "hidden_size: 256"
+PRETRAIN_BATCH=${PRETRAIN_BATCH:-32}
+SFT_SEQ=${SFT_SEQ:-1024}
+SFT_BATCH=${SFT_BATCH:-16}
+DPO_SEQ=${DPO_SEQ:-1024}
+DPO_BATCH=${DPO_BATCH:-16}
+THREADS=${THREADS:-0}                 # torch threads; 0 = torch's default
+# SFT data: by default every Alpaca-style file in ../shared/data/sft that has short and long answers
+SFT_DATA=${SFT_DATA:-"$D/sft/alpaca_5000_subset.json $D/sft/alpaca_en_demo.json $D/sft/lima_1k.json $D/sft/alpaca_eval_805_gpt4_1106_preview_outputs.json"}
 mkdir -p "$OUT"
 start=$(date +%s)
 
@@ -41,11 +51,12 @@ if [ ! -d "$OUT/pretrain/final" ]; then
   cat > "$OUT/pretrain.yaml" <<EOF
 out: $OUT/pretrain
 model: $MODEL
-model_args: {max_position_embeddings: 1024, original_max_position_embeddings: 1024}
+model_args: {max_position_embeddings: 1024, original_max_position_embeddings: 1024${MODEL_ARGS:+, $MODEL_ARGS}}
 sources: {general: $OUT/tokens}
 tokenizer: $OUT/tok
 seq_len: $SEQ
-batch_size: 32
+batch_size: $PRETRAIN_BATCH
+threads: $THREADS
 lr: 0.001
 min_lr: 0.0001
 warmup_steps: ${PRETRAIN_WARMUP:-50}
@@ -61,19 +72,19 @@ fi
 # 3. SFT on the shared SFT data (Alpaca, LIMA with multi-turn history, AlpacaEval outputs); long ones are skipped
 if [ ! -f "$OUT/sft/eval.json" ]; then
   $PY -m phiforge.train.sft --model "$OUT/pretrain/final" --out "$OUT/sft" \
-    --data "$D/sft/alpaca_5000_subset.json" "$D/sft/alpaca_en_demo.json" "$D/sft/lima_1k.json" \
-           "$D/sft/alpaca_eval_805_gpt4_1106_preview_outputs.json" \
-    --seq_len 1024 --batch_size 16 --lr "${SFT_LR:-3e-4}" --min_lr 5e-5 --max_steps "$SFT_STEPS" --warmup_steps 30 \
+    --data $SFT_DATA \
+    --seq_len "$SFT_SEQ" --batch_size "$SFT_BATCH" --lr "${SFT_LR:-3e-4}" --min_lr 5e-5 --max_steps "$SFT_STEPS" --warmup_steps 30 \
     --val_max 200 --eval_every 100 --ckpt_every 200 --log_every 20 --end_eval "${END_EVAL:-200}" --end_max_new_tokens 512 \
-    --dtype "${DTYPE:-fp32}"
+    --dtype "${DTYPE:-fp32}" --threads "$THREADS"
 fi
 
 # 4. DPO on the shared preference pairs (HH-RLHF harmless + LLaMA-Factory DPO demo)
 if [ ! -f "$OUT/dpo/eval.json" ]; then
   $PY -m phiforge.train.dpo --model "$OUT/sft/final" --out "$OUT/dpo" \
     --data "$D/preference/hh-rlhf_harmless-base_test.jsonl.gz" "$D/preference/dpo_en_demo.json" \
-    --loss "$DPO_LOSS" --beta 0.1 --seq_len 1024 --batch_size 16 --lr "${DPO_LR:-2e-5}" --max_steps "$DPO_STEPS" \
-    --warmup_steps 20 --val_max 250 --eval_every 100 --ckpt_every 200 --log_every 20 --dtype "${DTYPE:-fp32}"
+    --loss "$DPO_LOSS" --beta 0.1 --seq_len "$DPO_SEQ" --batch_size "$DPO_BATCH" --lr "${DPO_LR:-2e-5}" --max_steps "$DPO_STEPS" \
+    --warmup_steps 20 --val_max 250 --eval_every 100 --ckpt_every 200 --log_every 20 --dtype "${DTYPE:-fp32}" \
+    --threads "$THREADS"
 fi
 
 echo "posttrain_tiny: done in $(( $(date +%s) - start ))s"
