@@ -415,7 +415,8 @@ class Phi3(nn.Module):
         """input_ids (B, T) -> logits (B, T, V); with `targets` (B, T, already shifted) -> the mean cross-entropy
         over targets != ignore_index, the LM head fused into the loss (no (B, T, V) logits; losses.py)."""
         B, T = input_ids.shape
-        if positions is None:
+        implicit = positions is None  # 0..T-1 for every row: causal without inspecting the tensor (no graph break)
+        if implicit:
             positions = torch.arange(T, device=input_ids.device)
         if positions.dim() == 1:
             positions = positions[None].expand(B, T)
@@ -431,8 +432,8 @@ class Phi3(nn.Module):
             mask = attn_mask
         else:
             window = self.config.sliding_window
-            plain = bool((positions[0] == torch.arange(T, device=positions.device)).all()) and \
-                (B == 1 or bool((positions == positions[:1]).all()))
+            plain = implicit or (bool((positions[0] == torch.arange(T, device=positions.device)).all()) and
+                                 (B == 1 or bool((positions == positions[:1]).all())))
             if plain and (window is None or window >= T - 1):
                 is_causal, mask = True, None  # fast path: ordinary causal attention
             else:
