@@ -69,6 +69,17 @@ def test_schedules():
         lr_at(0, "linear", **kw)
 
 
+def test_cpu_peak_flops_follow_the_cpu_flags_and_clock():
+    from phiforge.train.pretrain import peak_flops_default
+    cpu, n = torch.device("cpu"), torch.get_num_threads()
+    info = "flags\t: fpu avx2 fma avx512f avx512_bf16\ncpu MHz\t\t: 2500.000\n"
+    assert peak_flops_default(cpu, "fp32", info) == pytest.approx(32 * 2.5e9 * n)
+    assert peak_flops_default(cpu, "bf16", info) == pytest.approx(64 * 2.5e9 * n)
+    assert peak_flops_default(cpu, "bf16", info + "flags\t: amx_bf16\n") == pytest.approx(1024 * 2.5e9 * n)
+    assert peak_flops_default(cpu, "bf16", "flags\t: avx2 fma\n") == pytest.approx(32 * 3e9 * n)  # no clock: 3 GHz
+    assert peak_flops_default(torch.device("cuda"), "bf16", "") == 989e12
+
+
 def test_config_precedence(tmp_path):
     @dataclass
     class Cfg:

@@ -89,12 +89,37 @@ class PretrainConfig:
     export: bool = True  # write out/final (HF folder) at the end
 
 
-def peak_flops_default(device: torch.device, dtype: str) -> float:
+def peak_flops_default(device: torch.device, dtype: str, cpuinfo: str | None = None) -> float:
     """The MFU denominator when --peak_flops is not given: NVIDIA H100 SXM dense (989e12 bf16, 495e12 tf32/fp32
-    path), or on CPU 100 GFLOP/s per torch thread (AVX2: 2 FMA units x 8 fp32 lanes x 2 FLOP x ~3 GHz = 96)."""
+    path); on CPU, per torch thread, FLOP per cycle x the clock /proc/cpuinfo reports (3 GHz if it says none).
+    FLOP per cycle: 32 in fp32 (two 256-bit FMA units x 8 lanes x 2; parts with two full 512-bit FMA units reach
+    64: pass --peak_flops), and in bf16 64 with avx512_bf16 (a bf16 pair dot product per fp32 lane) or 1024 with
+    AMX tiles, else the fp32 figure (bf16 matmuls then run through fp32 units)."""
     if device.type == "cuda":
         return 989e12 if dtype == "bf16" else 495e12
-    return 100e9 * torch.get_num_threads()
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = set()
+    mhz = []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+        elif key.strip() == "cpu MHz":
+            try:
+                mhz.append(float(value))
+            except ValueError:
+                pass
+    ghz = max(mhz) / 1e3 if mhz else 3.0
+    per_cycle = 32
+    if dtype == "bf16" and "amx_bf16" in flags:
+        per_cycle = 1024
+    elif dtype == "bf16" and "avx512_bf16" in flags:
+        per_cycle = 64
+    return per_cycle * ghz * 1e9 * torch.get_num_threads()
 
 
 # ----------------------------------------------------------------------------------------------------------------
