@@ -3,10 +3,19 @@ divergence KL(reference || model) of next-token distributions, e.g. to measure w
 
     phiforge perplexity runs/demo/final --data ../shared/data/wikitext
     phiforge perplexity runs/demo/int4 --data test.txt --reference runs/demo/final --ctx 512 --stride 256
+    phiforge perplexity runs/tinystories/train/final --data ../shared/data/tinystories/tinystories_10klines_chunk.txt.gz \
+        --docs eot --last-docs 87 --rolling --ctx 256       # the TinyStories held-out rule (recipes/tinystories.yaml)
 
 Windows follow the transformers perplexity guide (docs "Perplexity of fixed-length models"): each window of
 --ctx tokens starts --stride after the previous one and scores only the tokens no earlier window scored, so every
-token is scored once with up to ctx - stride tokens of context. MODEL may be a phiforge quantized folder.
+token is scored once with up to ctx - stride tokens of context. --rolling instead cuts the tokens into disjoint
+windows as lm-eval's `loglikelihood_rolling` and nanoGPT's validation loss do: window k reads tokens [k*ctx, (k+1)*ctx)
+and predicts the token after each, so every token after the first is scored exactly once and no context is carried
+from one window to the next. MODEL may be a phiforge quantized folder.
+
+--docs SEP reads the file as documents (separated as `phiforge tokenize --text-sep` separates them), encodes each
+alone without special tokens and scores the stream `EOS d1 EOS d2 ... dn EOS`; bits per byte then count one byte per
+EOS besides the documents' UTF-8 bytes. --last-docs N keeps only the last N documents (a held-out tail).
 """
 from __future__ import annotations
 
@@ -89,6 +98,40 @@ def evaluate(model, ids: list[int], ctx: int, stride: int, reference=None, max_t
     return out
 
 
+@torch.no_grad()
+def evaluate_rolling(model, ids: list[int], ctx: int, batch_size: int = 16) -> dict:
+    """{"nll" (total nats), "tokens"} over disjoint windows: inputs ids[k*ctx:(k+1)*ctx], targets shifted by one.
+    Full windows go through the model `batch_size` at a time; the last, shorter one alone."""
+    if len(ids) < 2:
+        raise UserError("the data has fewer than 2 tokens")
+    if ctx < 1:
+        raise UserError(f"--ctx must be >= 1, not {ctx}")
+    data = torch.tensor(ids, dtype=torch.long)
+    n_full = (len(ids) - 1) // ctx
+    x_full = data[:n_full * ctx].view(n_full, ctx)
+    y_full = data[1:n_full * ctx + 1].view(n_full, ctx)
+    pieces = [(x_full[i:i + batch_size], y_full[i:i + batch_size]) for i in range(0, n_full, batch_size)]
+    if n_full * ctx < len(ids) - 1:
+        pieces.append((data[n_full * ctx:-1][None], data[n_full * ctx + 1:][None]))
+    nll, n = 0.0, 0
+    for x, y in pieces:
+        logits = model(x).float()
+        nll += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+        n += y.numel()
+    return {"nll": nll, "tokens": n}
+
+
+def document_stream(tok, docs: list[str]) -> tuple[list[int], int]:
+    """`EOS d1 EOS d2 ... dn EOS` (each document encoded alone, no special tokens) and the bytes it stands for: the
+    documents' UTF-8 bytes plus one per scored EOS."""
+    if tok.eos_id is None:
+        raise UserError("--docs needs a tokenizer with an EOS token to separate the documents")
+    ids = [tok.eos_id]
+    for d in docs:
+        ids += tok.encode(d, add_special_tokens=False) + [tok.eos_id]
+    return ids, sum(len(d.encode("utf-8")) for d in docs) + len(docs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="phiforge perplexity", description="Strided-window perplexity (+ KL vs a "
                                  "reference model).")
@@ -98,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=None, help="window length (default: min(1024, model max))")
     ap.add_argument("--stride", type=int, default=None, help="window stride (default: ctx / 2)")
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the data")
+    ap.add_argument("--rolling", action="store_true", help="disjoint --ctx windows, every token after the first "
+                    "scored once with no carried context (lm-eval loglikelihood_rolling); --stride is ignored")
+    ap.add_argument("--docs", default=None, choices=("eot", "line", "blank", "nul", "file"),
+                    help="score --data as documents joined by EOS (see above) with this separator")
+    ap.add_argument("--last-docs", type=int, default=None, metavar="N", help="with --docs: only the last N")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the result to this JSON file")
@@ -117,10 +165,39 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--reference has a different tokenizer; KL needs the same vocabulary")
         reference.eval()
     ctx = args.ctx or min(1024, model.config.max_position_embeddings)
-    ids = tok.encode(read_text(args.data))
-    res = evaluate(model.eval(), ids, ctx, args.stride or max(1, ctx // 2), reference, args.max_tokens)
+    if args.last_docs is not None and (args.docs is None or args.last_docs < 1):
+        raise UserError("--last-docs needs --docs and a count >= 1")
+    if args.docs:
+        from phiforge.train.tokenize import read_documents
+
+        docs = list(read_documents(Path(args.data), "text", args.docs))
+        if args.last_docs:
+            if args.last_docs > len(docs):
+                raise UserError(f"--last-docs {args.last_docs}: {args.data} holds only {len(docs)} documents")
+            docs = docs[-args.last_docs:]
+        ids, nbytes = document_stream(tok, docs)
+    else:
+        text = read_text(args.data)
+        ids, nbytes = tok.encode(text), len(text.encode("utf-8"))
+    if args.rolling:
+        if reference is not None:
+            raise UserError("--reference is measured on strided windows; drop --rolling")
+        if args.max_tokens:
+            ids = ids[:args.max_tokens + 1]
+            nbytes = None  # a cut stream no longer stands for the whole text's bytes
+        res = evaluate_rolling(model.eval(), ids, ctx)
+        res = {"nll": res["nll"] / res["tokens"], "tokens": res["tokens"], "ppl": math.exp(res["nll"] / res["tokens"])}
+    else:
+        res = evaluate(model.eval(), ids, ctx, args.stride or max(1, ctx // 2), reference, args.max_tokens)
+        if args.max_tokens and args.max_tokens < len(ids):
+            nbytes = None
+    if nbytes:
+        res["bits_per_byte"] = res["nll"] * res["tokens"] / math.log(2) / nbytes
+        res["bytes"] = nbytes
     res.update(model=args.model, data=args.data, reference=args.reference, ctx=ctx)
     line = f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens"
+    if "bits_per_byte" in res:
+        line += f", {res['bits_per_byte']:.4f} bits per byte"
     if reference is not None:
         line += f"; KL(reference || model) {res['kl']:.5f} nats/token, top-1 agreement {res['top1_agree']:.3f}"
     print(line)

@@ -116,3 +116,48 @@ def test_quality_table_on_wikitext():
     for name, r in rows.items():
         print(f"{name:10s} ppl {r['ppl']:.4f}  KL {r['kl']:.5f}")
     assert rows["int4-gptq"]["kl"] <= rows["int4-rtn"]["kl"]
+
+
+def test_documents_rolling_bits_per_byte_equal_the_rule_computed_directly(tmp_path, capsys):
+    """The TinyStories held-out rule (issue 35), computed here from its wording with a plain forward pass:
+    stream `EOS s1 EOS ... sN EOS` of the last N stories (each encoded alone, no special tokens), mean NLL of every
+    token after the first over non-overlapping ctx-token windows with no carried context, bits per byte =
+    nats / ln 2 / (UTF-8 bytes of the N stories + N)."""
+    import gzip
+    import json
+
+    from phiforge.checkpoint import save_hf_folder
+    from phiforge.tokenizer import train_bpe
+
+    stories = [f"Story {i}: Tom and Sue went to the park {'and played ' * (i % 7)}with a red ball. It was fun! é"
+               for i in range(30)]
+    tok = train_bpe(stories, vocab_size=300)
+    model = _model(5)
+    save_hf_folder(model, tmp_path / "m", tokenizer=tok)
+    data = tmp_path / "stories.txt.gz"
+    with gzip.open(data, "wt") as f:  # the TinyStories file layout: a "<|endoftext|>" line between stories
+        f.write("\n<|endoftext|>\n".join(stories) + "\n<|endoftext|>\n")
+    last, ctx = 12, 16
+    held = stories[-last:]
+    stream = [tok.eos_id]
+    for s in held:
+        stream += tok.encode(s) + [tok.eos_id]
+    assert tok.bos_id is None or stream.count(tok.bos_id) == 0
+    nats, scored = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, ctx):  # window: inputs stream[start:start+ctx], targets one later
+            x = torch.tensor(stream[start:start + ctx][:len(stream) - 1 - start])
+            y = torch.tensor(stream[start + 1:start + 1 + len(x)])
+            nats += float(F.cross_entropy(model(x[None])[0], y, reduction="sum"))
+            scored += len(y)
+    assert scored == len(stream) - 1 and len(stream) % ctx != 1  # a partial last window is exercised
+    expected = nats / math.log(2) / (sum(len(s.encode()) for s in held) + last)
+    rc = main([str(tmp_path / "m"), "--data", str(data), "--docs", "eot", "--last-docs", str(last), "--rolling",
+               "--ctx", str(ctx), "--json", str(tmp_path / "r.json")])
+    assert rc == 0 and f"{expected:.4f} bits per byte" in capsys.readouterr().out
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["bits_per_byte"] == pytest.approx(expected, rel=1e-6) and res["tokens"] == scored
+    with pytest.raises(UserError, match="holds only 30 documents"):
+        main([str(tmp_path / "m"), "--data", str(data), "--docs", "eot", "--last-docs", "31", "--rolling"])
+    with pytest.raises(UserError, match="--last-docs needs --docs"):
+        main([str(tmp_path / "m"), "--data", str(data), "--last-docs", "3"])

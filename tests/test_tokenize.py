@@ -85,6 +85,24 @@ def test_tokenize_roundtrip_split_and_formats(tmp_path, tok_dir):
     assert read_meta(out1)["train"]["tokens"] == meta["train"]["tokens"]
 
 
+def test_holdout_last_sends_exactly_the_tail_to_validation(tmp_path, tok_dir):
+    """--holdout-last N: the last N documents of all inputs (in order, across shards) and nothing else are val."""
+    from phiforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tok_dir)
+    stories = make_stories(120, seed=4)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("<|endoftext|>".join(stories[:70]))
+    b.write_text("<|endoftext|>".join(stories[70:]))
+    out = tmp_path / "out"
+    tk.main([str(a), str(b), "--tokenizer", str(tok_dir), "--out", str(out), "--holdout-last", "23",
+             "--docs-per-shard", "40", "--workers", "1"])
+    assert read_split_docs(out, "val", tok) == stories[-23:]
+    assert read_split_docs(out, "train", tok) == stories[:-23]
+    with pytest.raises(UserError, match="leaves no training documents"):
+        tk.main([str(a), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o2"), "--holdout-last", "70"])
+
+
 def test_tokenize_resume_redoes_only_unfinished(tmp_path, tok_dir):
     src = tmp_path / "s.txt"
     src.write_text("<|endoftext|>".join(make_stories(120)))

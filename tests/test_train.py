@@ -80,6 +80,17 @@ def test_cpu_peak_flops_follow_the_cpu_flags_and_clock():
     assert peak_flops_default(torch.device("cuda"), "bf16", "") == 989e12
 
 
+def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_native():
+    from phiforge.train.pretrain import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, "flags\t: avx2 fma avx512f\n") == "fp32"  # bf16 emulated: 20x slower here
+    assert resolve_dtype("auto", cpu, "flags\t: avx2 avx512_bf16\n") == "bf16"
+    assert resolve_dtype("auto", cpu, "flags\t: amx_bf16\n") == "bf16"
+    assert resolve_dtype("auto", torch.device("cuda"), "") == "bf16"
+    assert resolve_dtype("fp32", torch.device("cuda"), "") == "fp32"
+
+
 def test_config_precedence(tmp_path):
     @dataclass
     class Cfg:
@@ -264,6 +275,8 @@ def test_time_clock_spreads_schedule_over_the_budget(tmp_path, data):
     recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     sched = [r["schedule_step"] for r in recs]
     assert sched == sorted(sched) and sched[0] < 10 and sched[-1] >= 90  # the whole schedule was traversed
+    # the schedule starts after the first step, so a slow first step (compiling) does not eat the warmup
+    assert recs[0]["lr"] < 3e-3 and read_checkpoint_state(latest_checkpoint(out))["meta"]["schedule"]["t0"] > 0
     assert recs[-1]["elapsed_s"] >= 0.04 * 60
     assert {r["phase"] for r in recs} == {"p1", "p2"}
     assert min(r["lr"] for r in recs if r["schedule_step"] >= 95) < 3e-3 * 0.3  # decayed before the budget ran out

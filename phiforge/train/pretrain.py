@@ -20,6 +20,7 @@ depend on the number of ranks for a fixed global batch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phiforge.perplexity import document_stream, evaluate_rolling
 from phiforge.train import all_reduce_mean, cleanup_distributed, init_distributed, wrap_model
 from phiforge.train.config import format_config, resolve_config, save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
@@ -74,7 +76,7 @@ class PretrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     # precision and speed
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32) | auto (bf16 where it is fast)
     compile: bool = False
     activation_checkpointing: bool = False
     parallel: str = "none"  # none | ddp | fsdp2 (under torchrun)
@@ -87,6 +89,39 @@ class PretrainConfig:
     keep_last: int = 3
     log_every: int = 1
     export: bool = True  # write out/final (HF folder) at the end
+    # held-out documents scored at every evaluation by `phiforge perplexity --docs SEP --last-docs N --rolling`'s
+    # rule, logged as heldout_bpb: {data: FILE, docs: eot, last_docs: 87, ctx: 256}
+    heldout: dict = field(default_factory=dict)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> tuple[set[str], list[float]]:
+    """The CPU's feature flags and clocks (MHz) from /proc/cpuinfo (empty where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags, mhz = set(), []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+        elif key.strip() == "cpu MHz":
+            try:
+                mhz.append(float(value))
+            except ValueError:
+                pass
+    return flags, mhz
+
+
+def resolve_dtype(dtype: str, device: torch.device, cpuinfo: str | None = None) -> str:
+    """`auto` -> bf16 on CUDA and on CPUs with bf16 dot products (avx512_bf16, AMX), else fp32: without them
+    oneDNN emulates bf16 matmuls, measured 20x slower than fp32 on a 2-core AVX2 EPYC."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_flags(cpuinfo)[0] & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 
 def peak_flops_default(device: torch.device, dtype: str, cpuinfo: str | None = None) -> float:
@@ -97,22 +132,7 @@ def peak_flops_default(device: torch.device, dtype: str, cpuinfo: str | None = N
     AMX tiles, else the fp32 figure (bf16 matmuls then run through fp32 units)."""
     if device.type == "cuda":
         return 989e12 if dtype == "bf16" else 495e12
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags = set()
-    mhz = []
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags.update(value.split())
-        elif key.strip() == "cpu MHz":
-            try:
-                mhz.append(float(value))
-            except ValueError:
-                pass
+    flags, mhz = cpu_flags(cpuinfo)
     ghz = max(mhz) / 1e3 if mhz else 3.0
     per_cycle = 32
     if dtype == "bf16" and "amx_bf16" in flags:
@@ -208,6 +228,16 @@ def check_phases(phases: list, names: list[str]) -> list[dict]:
     return out
 
 
+def check_heldout(spec: dict) -> dict:
+    """The `heldout` setting, read and checked before training: {} or {ids, bytes, ctx} of the document stream."""
+    if not spec:
+        return {}
+    unknown = set(spec) - {"data", "docs", "last_docs", "ctx"}
+    if unknown or "data" not in spec:
+        raise UserError(f"heldout: expected {{data: FILE, docs: eot, last_docs: N, ctx: 256}}, got {spec}")
+    return {"spec": spec, "ctx": int(spec.get("ctx", 256))}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -228,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "log_every"):
         if getattr(cfg, k) < 1:
             raise UserError(f"{k} must be >= 1 (got {getattr(cfg, k)})")
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise UserError(f"dtype must be fp32 or bf16 (got {cfg.dtype!r})")
+    if cfg.dtype not in ("fp32", "bf16", "auto"):
+        raise UserError(f"dtype must be fp32, bf16 or auto (got {cfg.dtype!r})")
+    heldout = check_heldout(cfg.heldout)
     check_schedule(cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.decay_steps)
     if cfg.clock not in ("steps", "time"):
         raise UserError(f"clock must be steps or time (got {cfg.clock!r})")
@@ -265,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     master = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.dtype == "auto":
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     if master:
@@ -278,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tok_dir = cfg.tokenizer if cfg.tokenizer else str(Path(source_dirs[names[0]]) / "tokenizer")
     tokenizer = Tokenizer.from_folder(tok_dir)
+    if heldout:
+        from phiforge.train.tokenize import read_documents
+        spec = heldout["spec"]
+        docs = list(read_documents(Path(spec["data"]), "text", spec.get("docs", "eot")))
+        if spec.get("last_docs"):
+            docs = docs[-int(spec["last_docs"]):]
+        heldout["ids"], heldout["bytes"] = document_stream(tokenizer, docs)
     ids = {"vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": tokenizer.bos_id or 0,
            "pad_token_id": tokenizer.pad_id}
     try:
@@ -305,11 +345,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- state: fresh or resumed
     step, tokens_seen, seconds_before = 0, 0, 0.0
+    clock_t0 = None  # clock: time: training seconds at the end of the first step (the compile), where the schedule starts
     cursors = {n: [0, 0] for n in names}  # per source: [epoch, index within the epoch's permutation]
     if ckpt_path is not None:
         meta = load_checkpoint(ckpt_path, model, optimizer)
         step, tokens_seen, cursors = meta["step"], meta["tokens_seen"], meta["cursors"]
         seconds_before = float(meta.get("train_seconds", 0.0))
+        clock_t0 = meta.get("schedule", {}).get("t0")
         if set(cursors) != set(names):
             raise UserError(f"checkpoint {ckpt_path} has sources {sorted(cursors)}, the config {sorted(names)}")
     metrics_path = out / "metrics.jsonl"
@@ -352,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                 batch = torch.from_numpy(np.stack([src.window(j) for j in idx[i:i + cfg.batch_size]]))
                 total += forward_loss(batch).double().cpu() * len(batch)
             result[f"val/{n}"] = float(all_reduce_mean(total / per_rank))
+        if heldout:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+                res = evaluate_rolling(lambda x: model(x.to(device)), heldout["ids"], heldout["ctx"])
+            result["heldout_bpb"] = res["nll"] / math.log(2) / heldout["bytes"]
         model.train()
         return result
 
@@ -376,14 +422,20 @@ def main(argv: list[str] | None = None) -> int:
         return float(all_reduce_mean(torch.tensor(seconds_before + time.time() - t_start, dtype=torch.float64)))
 
     def schedule_step(step: int, seconds: float) -> int:
+        """clock: time spreads the schedule over the budget left after the first step, so the seconds the first step
+        spends compiling (40 s on 2 CPU threads) count against the budget but do not eat the warmup."""
         if cfg.clock == "time":
-            return min(cfg.max_steps, int(seconds / (60 * cfg.max_minutes) * cfg.max_steps))
+            if clock_t0 is None:
+                return 0
+            budget = 60 * cfg.max_minutes
+            frac = 1.0 if clock_t0 >= budget else max(0.0, seconds - clock_t0) / (budget - clock_t0)
+            return min(cfg.max_steps, int(frac * cfg.max_steps))
         return step
 
     def checkpoint(step: int, sched: int, seconds: float) -> None:
         meta = {"tokens_seen": tokens_seen, "cursors": cursors, "train_seconds": seconds,
                 "phase": phases[phase_at(phases, sched, tokens_seen)]["name"],
-                "schedule": {"name": cfg.schedule, "clock": cfg.clock, "schedule_step": sched}}
+                "schedule": {"name": cfg.schedule, "clock": cfg.clock, "schedule_step": sched, "t0": clock_t0}}
         save_checkpoint(out, step, model, optimizer, meta, config=cfg, keep_last=cfg.keep_last)
 
     # -- the loop
@@ -442,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.max_minutes is not None:
             seconds = elapsed()  # agreed across ranks: every rank stops at the same step
             stop = seconds >= 60 * cfg.max_minutes
+            if clock_t0 is None:
+                clock_t0 = seconds
         bar.update(schedule_step(step, seconds) - bar.n if cfg.clock == "time" else 1)
         if step % cfg.eval_every == 0 or step == cfg.max_steps or stop:
             val = evaluate()

@@ -6,7 +6,9 @@
 
 Documents are read in input order and grouped into chunks of --docs-per-shard; chunk k becomes train_<k>.bin and
 val_<k>.bin. Each document goes to validation iff a hash of (seed, text) falls below --val-fraction, so the split
-is deterministic and does not depend on chunking or worker count. Each document is followed by the EOS token.
+is deterministic and does not depend on chunking or worker count; --holdout-last N instead sends exactly the last N
+documents of the inputs to validation (a fixed held-out tail, e.g. the TinyStories rule in recipes/tinystories.yaml).
+Each document is followed by the EOS token.
 Chunks are encoded by --workers processes. A rerun skips chunks whose shards already exist, so a killed run redoes
 only the unfinished ones; meta.json (with complete: true) is written last.
 
@@ -118,14 +120,19 @@ def _init_worker(tokenizer_dir: str) -> None:
     _TOKENIZER = Tokenizer.from_folder(tokenizer_dir)
 
 
-def encode_chunk(k: int, docs: list[str], out: str, seed: int, val_fraction: float) -> tuple[int, int, int]:
-    """Encode one chunk of documents into train_<k>.bin and val_<k>.bin. Returns (k, docs, tokens)."""
+def encode_chunk(k: int, docs: list[str], out: str, seed: int, val_fraction: float,
+                 held_from: int | None = None) -> tuple[int, int, int]:
+    """Encode one chunk of documents into train_<k>.bin and val_<k>.bin. Returns (k, docs, tokens).
+    `held_from`: documents from this index of the chunk on are validation (--holdout-last); None: the hash split."""
     tok = _TOKENIZER
     eos, vocab = tok.eos_id, tok.vocab_size
     parts: dict[str, list[int]] = {"train": [], "val": []}
     ndocs = {"train": 0, "val": 0}
-    for text in docs:
-        split = "val" if is_validation(text, seed, val_fraction) else "train"
+    for i, text in enumerate(docs):
+        if held_from is None:
+            split = "val" if is_validation(text, seed, val_fraction) else "train"
+        else:
+            split = "val" if i >= held_from else "train"
         parts[split] += tok.encode(text)
         parts[split].append(eos)
         ndocs[split] += 1
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
     ap.add_argument("--text-sep", default="eot", choices=SEPARATORS, help="how a text file separates documents")
     ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
+    ap.add_argument("--holdout-last", type=int, default=None, metavar="N",
+                    help="validation = exactly the last N documents of the inputs (replaces the --val-fraction split)")
     ap.add_argument("--docs-per-shard", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=2, help="encoding processes (default 2: both cores)")
     ap.add_argument("--seed", type=int, default=0, help="salt of the train/validation hash split")
@@ -164,7 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.docs_per_shard < 1 or args.workers < 1:
         raise UserError("--docs-per-shard and --workers must be >= 1")
+    if args.holdout_last is not None and args.holdout_last < 1:
+        raise UserError(f"--holdout-last must be >= 1, got {args.holdout_last}")
     files = input_files(args.inputs)
+    first_held = None  # global index of the first held-out document (--holdout-last)
+    if args.holdout_last is not None:
+        n_docs = sum(1 for f in files for _ in read_documents(f, args.text_key, args.text_sep))
+        if args.holdout_last >= n_docs:
+            raise UserError(f"--holdout-last {args.holdout_last} leaves no training documents: the inputs hold "
+                            f"{n_docs}")
+        first_held = n_docs - args.holdout_last
     from phiforge.tokenizer import Tokenizer
     tok = Tokenizer.from_folder(args.tokenizer)
     if tok.eos_id is None:
@@ -175,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                      else Path(args.tokenizer, "tokenizer.model").read_bytes()).hexdigest()[:16]
     settings = {"inputs": [str(f.resolve()) for f in files], "sizes": [f.stat().st_size for f in files],
                 "text_key": args.text_key, "text_sep": args.text_sep, "val_fraction": args.val_fraction,
-                "docs_per_shard": args.docs_per_shard, "seed": args.seed, "tokenizer": tok_fingerprint}
+                "holdout_last": args.holdout_last, "docs_per_shard": args.docs_per_shard, "seed": args.seed, "tokenizer": tok_fingerprint}
     progress_file = out / "tokenize.json"
     if progress_file.exists():
         previous = json.loads(progress_file.read_text())
@@ -222,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 skipped += 1
                 bar.update(len(docs))
                 continue
-            job = (k, docs, str(out), args.seed, args.val_fraction)
+            held_from = None if first_held is None else max(0, first_held - k * args.docs_per_shard)
+            job = (k, docs, str(out), args.seed, args.val_fraction, held_from)
             if pool is None:
                 bar.update(encode_chunk(*job)[1])
                 encoded += 1
