@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--reference has a different tokenizer; KL needs the same vocabulary")
         reference.eval()
     ctx = args.ctx or min(1024, model.config.max_position_embeddings)
-    ids = tok.encode(read_text(args.data))
+    ids = tok.encode(read_text(args.data), add_special_tokens=True)  # as `tokenizer(text)`: Phi-3's leads with <s>
     res = evaluate(model.eval(), ids, ctx, args.stride or max(1, ctx // 2), reference, args.max_tokens)
     res.update(model=args.model, data=args.data, reference=args.reference, ctx=ctx)
     line = f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens"
