@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         ids, nbytes = document_stream(tok, docs)
     else:
         text = read_text(args.data)
-        ids, nbytes = tok.encode(text), len(text.encode("utf-8"))
+        # as `tokenizer(text)`: Phi-3's leads with <s>
+        ids, nbytes = tok.encode(text, add_special_tokens=True), len(text.encode("utf-8"))
     if args.rolling:
         if reference is not None:
             raise UserError("--reference is measured on strided windows; drop --rolling")

@@ -465,7 +465,7 @@ def stage_samples(ctx: Ctx) -> Path:
             for r, a in zip(qa, answers)]
     base, btok = load(str(ctx.p("pretrain", "final")))
     opening = "Once upon a time" if ctx.stories else 'def is_palindrome(text):\n    """'
-    comp = generate(base, btok, [btok.encode(opening)], max_new_tokens=2 * s["max_new_tokens"], temperature=0.0)[0]
+    comp = generate(base, btok, [opening], max_new_tokens=2 * s["max_new_tokens"], temperature=0.0)[0]
     out = ctx.p("eval", "samples.json")
     text = btok.decode(comp.token_ids, skip_special_tokens=True)
     atomic_write_json(out, {"chat": chat, "completion": {"prompt": opening, "text": text}})

@@ -9,6 +9,7 @@ that reserve the Phi-3 special tokens and load in transformers as `PreTrainedTok
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import gzip
 import json
@@ -84,7 +85,6 @@ class Tokenizer:
         self.bos_token = _token_str(self.config.get("bos_token")) or ("<s>" if self._has("<s>") else None)
         self.eos_token = _token_str(self.config.get("eos_token")) or "<|endoftext|>"
         self.pad_token = _token_str(self.config.get("pad_token")) or self.eos_token
-        self.add_bos_token = bool(self.config.get("add_bos_token", False))
         self.bos_id = self.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = self.token_to_id(self.eos_token)
         self.pad_id = self.token_to_id(self.pad_token)
@@ -98,6 +98,32 @@ class Tokenizer:
         self.special_ids = {self.token_to_id(t) for t in specials}
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True))
                                       + ")") if self.added else None
+        self._decide_special_tokens()
+
+    def _decide_special_tokens(self, add_bos_token: bool | None = None) -> None:
+        """Which special tokens encode(add_special_tokens=True) adds, decided as transformers 5 decides it for the same
+        folder, so that our ids are `tokenizer(text)`'s: with a tokenizer.json, its post-processor alone decides
+        (from_pretrained drops add_bos_token / add_eos_token of tokenizer_config.json; the released Phi-3
+        tokenizer.json prepends <s>); with a SentencePiece model, add_bos_token / add_eos_token of the config.
+        `add_bos_token` given is from_pretrained's argument of that name: the rule becomes [bos] text."""
+        self._post_processor_decides = self.backend is not None and add_bos_token is None
+        if self._post_processor_decides:
+            ids = self.backend.encode("", add_special_tokens=True).ids  # what the post-processor adds
+            bos, eos = ids[:1] == [self.bos_id], ids[-1:] == [self.eos_id]
+        elif self.backend is not None:
+            bos, eos = add_bos_token, False
+        else:
+            bos = self.config.get("add_bos_token", False) if add_bos_token is None else add_bos_token
+            eos = self.config.get("add_eos_token", False)
+        self.add_bos_token = bool(bos) and self.bos_id is not None
+        self.add_eos_token = bool(eos) and self.eos_id is not None
+
+    def with_add_bos_token(self, add_bos_token: bool) -> "Tokenizer":
+        """A copy that adds BOS iff `add_bos_token`, as transformers' `from_pretrained(..., add_bos_token=...)`
+        rebuilds the post-processor (lm-eval's add_bos_token model argument does that)."""
+        tok = copy.copy(self)
+        tok._decide_special_tokens(add_bos_token)
+        return tok
 
     # -- loading and saving ----------------------------------------------------------------------------------------
     @classmethod
@@ -169,9 +195,12 @@ class Tokenizer:
 
     # -- encode / decode -------------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Special-token strings in `text` become their single ids (never split). `add_special_tokens` adds <s>
-        where the tokenizer's config asks for it (add_bos_token)."""
+        """Special-token strings in `text` become their single ids (never split). `add_special_tokens` adds what
+        the tokenizer adds around a text (transformers' `tokenizer(text)`; see _decide_special_tokens): the one
+        rule for every text that is scored or generated from outside a chat template."""
         if self.backend is not None:
+            if add_special_tokens and self._post_processor_decides:
+                return self.backend.encode(text, add_special_tokens=True).ids
             ids = self.backend.encode(text, add_special_tokens=False).ids
         else:
             ids = []
@@ -181,8 +210,8 @@ class Tokenizer:
                     ids.append(self.added[part])
                 elif part:
                     ids.extend(self.sp.EncodeAsIds(part))
-        if add_special_tokens and self.add_bos_token and self.bos_id is not None:
-            ids = [self.bos_id] + ids
+        if add_special_tokens:
+            ids = [self.bos_id] * self.add_bos_token + ids + [self.eos_id] * self.add_eos_token
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

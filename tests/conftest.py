@@ -53,3 +53,18 @@ def trained_tokenizer():
     corpus = [SAMPLE_TEXT * 3, "The quick brown fox jumps over the lazy dog. " * 20,
               "Tom and Lily went to the park. They saw a big red ball. " * 20]
     return train_bpe(corpus, vocab_size=400)
+
+
+def with_bos_post_processor(tok, **config):
+    """`tok` with a tokenizer.json post-processor that prepends <s> (a TemplateProcessing, as in the released Phi-3
+    tokenizer.json) and no add_bos_token / add_eos_token in its config unless given: then the post-processor alone
+    decides, in transformers as in phiforge."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+
+    from phiforge.tokenizer import Tokenizer
+
+    backend = HFTokenizer.from_str(tok.backend.to_str())  # a copy: the session's tokenizer stays as it is
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
+                                                           special_tokens=[("<s>", tok.bos_id)])
+    cfg = {k: v for k, v in tok.config.items() if k not in ("add_bos_token", "add_eos_token")}
+    return Tokenizer(backend, {**cfg, **config}, {"eos_token_id": sorted(tok.stop_ids)})

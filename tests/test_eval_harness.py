@@ -461,3 +461,57 @@ def test_longrope_sequences_are_scored_like_single_forwards(lm):
     assert min(n_tokens) < 32 < max(n_tokens)
     for (c, x), (ll, _) in zip(pairs, long_lm.loglikelihood(pairs, progress=False)):
         assert ll == pytest.approx(naive_loglikelihood(long_lm, c, x)[0], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bos_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with a tokenizer whose tokenizer.json post-processor prepends <s> (as Phi-3's does)."""
+    from conftest import with_bos_post_processor
+    from phiforge.tokenizer import Tokenizer
+
+    folder = tmp_path_factory.mktemp("bos") / "model"
+    shutil.copytree(tiny_dir, folder)
+    with_bos_post_processor(Tokenizer.from_folder(tiny_dir)).save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("add_bos_token", [None, True, False])
+@pytest.mark.parametrize("bos", [False, True], ids=["no_bos", "bos"])
+def test_tokens_rolling_and_generation_are_lm_evals(tiny_dir, bos_dir, bos, add_bos_token, monkeypatch):
+    """lm-eval's HFLM on the same folder, with a tokenizer that adds nothing and one that prepends <s>, under its
+    add_bos_token model argument (None / True / False) and ours: the same context/continuation tokens, log-likelihoods
+    (empty context and trailing space included), rolling-window log-likelihood and greedy generate_until output."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from phiforge import load
+    from phiforge.eval.lm import LocalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = str(bos_dir if bos else tiny_dir)
+    ref = HFLM(pretrained=folder, dtype="float32", device="cpu", batch_size=2, max_length=32,
+               add_bos_token=add_bos_token)
+    model, tok = load(folder)
+    ours = LocalLM(model, tok, batch_size=2, max_length=32, add_bos_token=add_bos_token)
+    adds_bos = ref.tok_encode("Tom")[0] == ours.tok.bos_id
+    assert adds_bos == (add_bos_token is True or (add_bos_token is None and bos))  # the case is what it says
+    pairs = [("Tom and Lily went to the park.", " They saw a ball."), ("Question: what is red? ", "Answer: a ball"),
+             ("", "Tom and Lily"), ("<s>The quick brown", " fox")]
+    for text in [c + x for c, x in pairs]:
+        assert list(ours.tok_encode(text)) == ref.tok_encode(text)
+    for ctx, cont in pairs[:2] + pairs[3:]:
+        assert tuple(map(list, ours.encode_pair(ctx, cont))) == ref._encode_pair(ctx, cont)
+    got = ours.loglikelihood(pairs, progress=False)
+    want = ref.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    text = "Tom and Lily went to the park. They saw a big red ball. " * 6  # several 32-token windows
+    (want_rolling,) = ref.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert ours.loglikelihood_rolling(text)[0] == pytest.approx(want_rolling, abs=1e-4)
+    prompts = ["Tom and Lily", "<s>The quick brown fox jumps over the lazy dog. The quick brown fox"]
+    # one prompt per call: lm-eval decides a batch's special tokens by its first prompt alone
+    want_gen = [ref.generate_until([Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 8,
+                                                                        "do_sample": False}), 0)], disable_tqdm=True)[0]
+                for p in prompts]
+    assert ours.generate_many(prompts, ["\n\n"], 8, progress=False) == want_gen

@@ -1,10 +1,12 @@
 """phiforge eval vs lm-evaluation-harness (the reference), offline, on the same tiny model and the same examples.
 
-A random Phi3ForCausalLM (transformers) with a byte-level BPE tokenizer trained here is saved in HF format. lm-eval
+A random Phi3ForCausalLM (transformers) with a byte-level BPE tokenizer trained here is saved in HF format, twice:
+with a tokenizer that adds no special tokens, and with one whose tokenizer.json post-processor prepends <s> (as the
+released Phi-3 tokenizer.json does; lm-eval then scores `<s>` + context). lm-eval
 runs it with its `hf` backend on task configs that `include` lm-eval's own YAML for mmlu / hellaswag / arc / piqa
 (so prompt formats, few-shot sampling and metrics are lm-eval's), only switching the data to local JSON files
 rebuilt from ../shared/data in the original datasets' schemas. phiforge evaluates the same folder. Compared:
-every prompt and continuation string, every log-likelihood, and the aggregated acc / acc_norm (to 0.1 point).
+every prompt and continuation string, every log-likelihood (to 1e-4), and the aggregated acc / acc_norm.
 
 Reference: lm-eval 0.4.13, lm_eval/tasks/{mmlu/default,hellaswag,arc,piqa}/*.yaml, lm_eval/models/huggingface.py.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import with_bos_post_processor
 from phiforge.utils import shared_dir
 
 SHARED = shared_dir()
@@ -27,13 +30,15 @@ SUBJECTS = ["anatomy", "high_school_us_history", "college_physics"]
 LIMIT = 8  # examples per task (per subject for MMLU)
 
 
-def build_tiny_model(folder: Path, texts: list[str]) -> None:
+def build_tiny_model(folder: Path, texts: list[str], bos: bool = False) -> None:
     import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     from phiforge.tokenizer import train_bpe
 
     tok = train_bpe(texts, vocab_size=700)
+    if bos:
+        tok = with_bos_post_processor(tok)
     cfg = Phi3Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                      original_max_position_embeddings=4096, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
@@ -45,6 +50,8 @@ def build_tiny_model(folder: Path, texts: list[str]) -> None:
             p.normal_(0.0, 0.08) if "norm" not in name else p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     tok.save(folder)
+    adds = AutoTokenizer.from_pretrained(folder)("Question: x").input_ids[0] == tok.bos_id
+    assert adds == bos, "the reference tokenizer must (not) add <s> as the variant says"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -101,17 +108,18 @@ def lmeval_task_dir(root: Path, data: Path) -> Path:
     return cfg_dir
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One lm-eval run and one phiforge run over all the compared tasks (lm-eval start-up is the slow part)."""
+@pytest.fixture(scope="module", params=["no_bos", "bos"])
+def runs(request, tmp_path_factory):
+    """Per tokenizer, one lm-eval run and one phiforge run over all the compared tasks (lm-eval start-up is the
+    slow part)."""
     import phiforge.eval.tasks.mmlu as mmlu
     from phiforge.eval.tasks import arc_easy
 
-    root = tmp_path_factory.mktemp("lmeval")
+    root = tmp_path_factory.mktemp(f"lmeval_{request.param}")
     data = SHARED / "data"
     texts = [p[0] + p[1] for d in mmlu.load(data, 5, subjects=SUBJECTS)[:30] for p in d["pairs"][:1]]
     texts += [p[0] + p[1] for d in arc_easy.load(data)[:300] for p in d["pairs"]]
-    build_tiny_model(root / "model", texts)
+    build_tiny_model(root / "model", texts, bos=request.param == "bos")
     cfg_dir = lmeval_task_dir(root, data)
     ref = run_lmeval(root / "model", cfg_dir, [f"ref_{t}" for t in ZERO_SHOT] + [f"ref_mmlu_{s}" for s in SUBJECTS],
                      root / "hf_cache")
@@ -155,17 +163,21 @@ def run_phiforge(model_dir: Path, data: Path, tasks: list[str], out: Path) -> tu
     return json.loads(out.read_text())["results"], samples
 
 
-def compare(ref_samples: list[dict], ours: list[dict], metrics: list[str]) -> None:
+def compare(ref_samples: list[dict], ours: list[dict], metrics: list[str]) -> float:
+    """Asserts the pairs, log-likelihoods and metrics agree; returns the largest log-likelihood difference."""
     ref_samples = sorted(ref_samples, key=lambda s: s["doc_id"])
     assert len(ref_samples) == len(ours) == LIMIT
+    worst = 0.0
     for ref, mine in zip(ref_samples, ours):
         ref_pairs = [tuple(a) for a in ref["arguments"]]
         mine_pairs = [(mine["context"], c) for c in mine["continuations"]]
         assert mine_pairs == ref_pairs, "prompt strings differ from lm-eval's"
         ref_lls = [float(r[0]) for r in ref["filtered_resps"]]
-        assert mine["loglikelihoods"] == pytest.approx(ref_lls, abs=2e-4)
+        assert mine["loglikelihoods"] == pytest.approx(ref_lls, abs=1e-4)
+        worst = max([worst, *(abs(a - b) for a, b in zip(mine["loglikelihoods"], ref_lls))])
         for m in metrics:
             assert mine[m] == ref[m], f"{m} differs on doc {ref['doc_id']}"
+    return worst
 
 
 ZERO_SHOT = ["arc_easy", "arc_challenge", "piqa", "hellaswag"]
@@ -175,7 +187,8 @@ ZERO_SHOT = ["arc_easy", "arc_challenge", "piqa", "hellaswag"]
 def test_zero_shot_tasks_match_lm_eval(runs, task):
     ref, results, samples = runs
     r = f"ref_{task}"
-    compare(ref["samples"][r], [s for s in samples if s["task"] == task], ["acc", "acc_norm"])
+    worst = compare(ref["samples"][r], [s for s in samples if s["task"] == task], ["acc", "acc_norm"])
+    print(f"\n{task}: max |loglikelihood - lm-eval's| {worst:.2e}")
     for m in ("acc", "acc_norm"):
         assert results[task][m] == pytest.approx(ref["results"][r][f"{m},none"], abs=1e-3)
         assert results[task][f"{m}_stderr"] == pytest.approx(ref["results"][r][f"{m}_stderr,none"], abs=1e-6)
@@ -186,7 +199,8 @@ def test_mmlu_five_shot_matches_lm_eval(runs):
     refs = [f"ref_mmlu_{s}" for s in SUBJECTS]
     for subject in SUBJECTS:
         mine = [s for s in samples if s["task"] == "mmlu" and s["subject"] == subject]
-        compare(ref["samples"][f"ref_mmlu_{subject}"], mine, ["acc"])
+        worst = compare(ref["samples"][f"ref_mmlu_{subject}"], mine, ["acc"])
+        print(f"\nmmlu/{subject}: max |loglikelihood - lm-eval's| {worst:.2e}")
         assert results["mmlu"][subject]["acc"] == pytest.approx(ref["results"][f"ref_mmlu_{subject}"]["acc,none"],
                                                                abs=1e-3)
     overall = sum(ref["results"][r]["acc,none"] for r in refs) / len(refs)  # equal sizes: micro == macro

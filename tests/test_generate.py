@@ -346,6 +346,32 @@ def test_cli_chat_template_and_sampling(tok_model, capsys):
     assert out == want.text + "\n"
 
 
+def test_cli_on_a_bos_tokenizer_gives_transformers_greedy_tokens(trained_tokenizer, tmp_path, capsys):
+    """A tokenizer whose tokenizer.json prepends <s> (as Phi-3's): `phiforge generate` without --chat continues
+    transformers' `tokenizer(prompt)`, <s> first, with transformers' greedy tokens."""
+    from transformers import AutoTokenizer
+
+    from conftest import with_bos_post_processor
+
+    tok = with_bos_post_processor(trained_tokenizer)
+    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    ref = hf_model(cfg)  # no sliding window
+    ref.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    prompt, n = "Once upon a time", 16
+    ids = AutoTokenizer.from_pretrained(tmp_path)(prompt).input_ids
+    assert ids[0] == tok.bos_id
+    want = hf_greedy(ref, ids, n)
+    model, tok = load(str(tmp_path))
+    stop = next((i for i, t in enumerate(want) if t in tok.stop_ids), n)  # phiforge ends at a stop token
+    assert main([str(tmp_path), "--prompt", prompt, "--max-new-tokens", str(n)]) == 0
+    out, err = capsys.readouterr()
+    assert f"prompt {len(ids)} tokens" in err and f"[{min(stop + 1, n)} tokens" in err
+    assert out == tok.decode(want[:stop], skip_special_tokens=True) + "\n"
+    assert generate(model, tok, prompt, max_new_tokens=n).token_ids == want[:stop + 1]
+
+
 def test_cli_errors_are_user_errors(tmp_path):
     model, _ = load("tiny")
     save_hf_folder(model, tmp_path)  # no tokenizer

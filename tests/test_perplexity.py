@@ -161,3 +161,38 @@ def test_documents_rolling_bits_per_byte_equal_the_rule_computed_directly(tmp_pa
         main([str(tmp_path / "m"), "--data", str(data), "--docs", "eot", "--last-docs", "31", "--rolling"])
     with pytest.raises(UserError, match="--last-docs needs --docs"):
         main([str(tmp_path / "m"), "--data", str(data), "--last-docs", "3"])
+
+
+def test_cli_on_a_bos_tokenizer_equals_transformers_over_the_same_windows(tmp_path, trained_tokenizer, capsys):
+    """A tokenizer whose tokenizer.json prepends <s> (as Phi-3's): `phiforge perplexity` scores transformers'
+    `tokenizer(text)`, <s> first, and each window's new tokens as a transformers forward of that window does."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import SAMPLE_TEXT, hf_model, with_bos_post_processor
+
+    tok = with_bos_post_processor(trained_tokenizer)
+    ref = hf_model(Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size))  # no sliding window
+    ref.save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    (tmp_path / "d.txt").write_text(SAMPLE_TEXT * 2)
+    ctx, stride = 32, 16
+    assert main([str(tmp_path / "m"), "--data", str(tmp_path / "d.txt"), "--ctx", str(ctx), "--stride", str(stride),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    ids = AutoTokenizer.from_pretrained(tmp_path / "m")(SAMPLE_TEXT * 2).input_ids
+    assert ids[0] == tok.bos_id
+    nll, n, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids) - 1, stride):  # the windows of the module docstring
+        end = min(begin + ctx, len(ids))
+        with torch.no_grad():
+            logp = F.log_softmax(ref(torch.tensor([ids[begin:end]])).logits[0].float(), -1)
+        for t in range(max(prev_end, begin + 1), end):  # targets no earlier window scored
+            nll -= float(logp[t - begin - 1, ids[t]])
+            n += 1
+        prev_end = end
+        if end == len(ids):
+            break
+    assert got["tokens"] == n == len(ids) - 1
+    assert got["nll"] == pytest.approx(nll / n, abs=1e-5)

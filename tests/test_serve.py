@@ -358,6 +358,41 @@ def test_completion_logprobs_and_echo_equal_a_forward_pass(server, served_model)
         assert len(e.top_logprobs) == 3 and e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-5)
 
 
+def test_text_prompt_gets_the_tokenizers_bos_and_echo_offsets_index_the_text(served_model, trained_tokenizer,
+                                                                             tmp_path):
+    """A tokenizer whose tokenizer.json prepends <s> (as Phi-3's): a text prompt is transformers' `tokenizer(prompt)`,
+    <s> first, and scored so; the echoed <s> is not in the echoed text and takes no room in text_offset, so scoring
+    by offsets (phiforge eval on the URL) gives the local scores."""
+    from transformers import AutoTokenizer
+
+    from conftest import with_bos_post_processor
+    from phiforge.eval.lm import LocalLM
+    from phiforge.eval.openai_backend import OpenAILM
+
+    model, _, _ = served_model
+    tok = with_bos_post_processor(trained_tokenizer)
+    save_hf_folder(model, tmp_path, tok)
+    prompt = "Tom and Lily went to the park"
+    ids = AutoTokenizer.from_pretrained(tmp_path)(prompt).input_ids
+    assert ids[0] == tok.bos_id
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    pairs = [("Tom and Lily", " went to the park"), ("The quick", " brown fox")]
+    url, stop = start_background(str(tmp_path), max_batch=4, max_queue=8)
+    try:
+        r = client(url).completions.create(model=str(tmp_path), prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+        remote = OpenAILM(url + "/v1", str(tmp_path)).loglikelihood(pairs, progress=False)
+    finally:
+        stop()
+    got = r.choices[0].logprobs
+    assert r.usage.prompt_tokens == len(ids) and got.tokens == [tok.decode([i]) for i in ids]
+    assert got.token_logprobs[1:] == pytest.approx([float(lp[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
+    assert r.choices[0].text == prompt
+    assert got.text_offset == [0] + [len(tok.decode(ids[1:i])) for i in range(1, len(ids))]
+    local = LocalLM(*load(str(tmp_path))).loglikelihood(pairs, progress=False)
+    assert [x[0] for x in remote] == pytest.approx([x[0] for x in local], abs=1e-4)
+
+
 def test_lm_eval_local_completions_scores_like_a_forward_pass(server, served_model):
     """lm-evaluation-harness' `local-completions` model (test-only; needs `lm-eval[api]`) against the server."""
     pytest.importorskip("tenacity")

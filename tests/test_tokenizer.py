@@ -1,9 +1,10 @@
 """Tokenizer and chat format: round trips, special tokens, templates against the reference files and transformers."""
+import json
 import random
 
 import pytest
 
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, with_bos_post_processor
 from phiforge.tokenizer import PHI3_CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, render_chat_template, train_bpe
 from phiforge.utils import UserError, shared_dir
 
@@ -55,6 +56,42 @@ def test_trained_tokenizer_loads_in_transformers(trained_tokenizer, tmp_path):
     assert hf.encode(text, add_special_tokens=False) == trained_tokenizer.encode(text) == again.encode(text)
     assert hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == \
         again.apply_chat_template(CONVERSATION, add_generation_prompt=True)
+
+
+# tokenizer.json post-processor prepends <s>?, tokenizer_config.json keys -> transformers 5 adds <s>? (with a
+# tokenizer.json, from_pretrained drops the config's add_bos_token / add_eos_token: the post-processor decides)
+SPECIAL_TOKEN_CASES = {
+    "trained (no post-processor)": (False, {}, False),
+    "phi3 post-processor, no config key": (True, {}, True),
+    "post-processor, config add_bos_token false": (True, {"add_bos_token": False}, True),
+    "no post-processor, config add_bos_token and add_eos_token true": (
+        False, {"add_bos_token": True, "add_eos_token": True}, False),
+}
+
+
+@pytest.mark.parametrize("case", SPECIAL_TOKEN_CASES)
+def test_special_tokens_are_added_as_transformers_adds_them(trained_tokenizer, tmp_path, case):
+    """encode(add_special_tokens=True) is `tokenizer(text)` of transformers for the saved folder, before and after
+    a save/load round trip, also under from_pretrained(add_bos_token=...) (lm-eval's add_bos_token)."""
+    from transformers import AutoTokenizer
+
+    post_processor, config, adds_bos = SPECIAL_TOKEN_CASES[case]
+    base = trained_tokenizer
+    tok = (with_bos_post_processor(base, **config) if post_processor
+           else Tokenizer(base.backend, {**base.config, **config}, {"eos_token_id": sorted(base.stop_ids)}))
+    tok.save(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    saved = {k: v for k, v in saved.items() if k not in ("add_bos_token", "add_eos_token")}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**saved, **config}))  # the folder is the case's
+    text = "Once upon a time<|end|>\n café"
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf(text).input_ids[0] == base.bos_id) == adds_bos == tok.add_bos_token  # the case is what it says
+    for mine in (tok, Tokenizer.from_folder(tmp_path)):
+        assert mine.encode(text, add_special_tokens=True) == hf(text).input_ids
+        assert mine.encode(text) == hf(text, add_special_tokens=False).input_ids
+        for flag in (True, False):
+            hf_flag = AutoTokenizer.from_pretrained(tmp_path, add_bos_token=flag)
+            assert mine.with_add_bos_token(flag).encode(text, add_special_tokens=True) == hf_flag(text).input_ids
 
 
 def test_sentencepiece_tokenizer_with_added_tokens(tmp_path):

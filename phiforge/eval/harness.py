@@ -36,6 +36,8 @@ def get_task(name: str):
 
 def load_backend(model: str, args):
     if model.startswith(("http://", "https://")):
+        if args.add_bos_token is not None:
+            raise UserError("--add-bos-token applies to local models; a server tokenizes with its own tokenizer")
         from phiforge.eval.openai_backend import OpenAILM
         return OpenAILM(model, args.model_name, batch_size=args.batch_size)
     if not Path(model).exists():
@@ -45,7 +47,7 @@ def load_backend(model: str, args):
     net, tok = load(model, dtype=args.dtype, device=args.device)
     if tok is None:
         raise UserError(f"{model} has no tokenizer files (tokenizer.json or tokenizer.model)")
-    return LocalLM(net, tok, batch_size=args.batch_size, max_length=args.max_length)
+    return LocalLM(net, tok, batch_size=args.batch_size, max_length=args.max_length, add_bos_token=args.add_bos_token)
 
 
 def run_multiple_choice(lm, docs: list[dict], name: str) -> list[dict]:
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=None, help="context window (default: the model's)")
     ap.add_argument("--max-gen-toks", type=int, default=None, help="override generation length of every task")
+    ap.add_argument("--add-bos-token", action=argparse.BooleanOptionalAction, default=None,
+                    help="prepend BOS to every context (or, --no-add-bos-token, add no special tokens), as lm-eval's "
+                         "add_bos_token model argument; default: as the tokenizer does")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")

@@ -1,10 +1,12 @@
 """The local model backend: log-likelihoods of (context, continuation) pairs and greedy generation.
 
-Log-likelihoods follow lm-eval's HFLM (lm_eval/api/model.py `_encode_pair`, lm_eval/models/huggingface.py
-`_loglikelihood_tokens`): trailing spaces of the context move to the continuation; context and context+continuation
-are encoded with the tokenizer's default special tokens and the continuation tokens are the tail of the whole;
-the model sees (context + continuation)[:-1], left-truncated to max_length; the score is the summed log-softmax of
-the continuation tokens, plus whether each was the argmax (is_greedy).
+Log-likelihoods follow lm-eval's HFLM (lm_eval/api/model.py `_encode_pair`, `loglikelihood`,
+lm_eval/models/huggingface.py `tok_encode`, `_loglikelihood_tokens`): trailing spaces of the context move to the
+continuation; context and context+continuation are encoded with the special tokens the tokenizer adds (Tokenizer.encode,
+e.g. the <s> that Phi-3's tokenizer.json prepends; none for a text that already starts with the prefix token) and
+the continuation tokens are the tail of the whole; the model sees (context + continuation)[:-1], left-truncated to
+max_length; the score is the summed log-softmax of the continuation tokens, plus whether each was the argmax
+(is_greedy). `add_bos_token` overrides the tokenizer as lm-eval's model argument of that name does.
 
 What makes it faster than lm-eval on the same model (same numbers up to float rounding):
 1. one forward per distinct token sequence: a request whose input is a prefix of another's (MMLU's four one-token
@@ -23,16 +25,32 @@ from tqdm import tqdm
 
 class LocalLM:
     def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int | None = None,
-                 min_shared_prefix: int = 32):
-        self.model, self.tok = model.eval(), tokenizer
+                 min_shared_prefix: int = 32, add_bos_token: bool | None = None):
+        # add_bos_token as lm-eval's: None follows the tokenizer; set, it reloads the tokenizer with that
+        # add_bos_token and encodes with add_special_tokens=add_bos_token
+        if add_bos_token is not None:
+            tokenizer = tokenizer.with_add_bos_token(add_bos_token)
+        self.model, self.tok, self.add_bos_token = model.eval(), tokenizer, add_bos_token
         self.batch_size, self.min_shared_prefix = batch_size, min_shared_prefix
         self.max_length = max_length or model.config.max_position_embeddings
         self.device = model.model.norm.weight.device
-        self.encode = lru_cache(maxsize=65536)(self._encode)
+        self.encode = lru_cache(maxsize=65536)(self.tok_encode)
 
-    def _encode(self, text: str) -> tuple[int, ...]:
-        # add_special_tokens=True: BOS iff the tokenizer config asks for it, as HF's tokenizer default in lm-eval
-        return tuple(self.tok.encode(text, add_special_tokens=True))
+    def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> tuple[int, ...]:
+        """lm-eval HFLM.tok_encode: the tokenizer's special tokens unless add_bos_token or the caller says otherwise,
+        and none for a text that already starts with the prefix token's string."""
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token is not False
+            if text.startswith(self.tok.decode([self.prefix_token_id])):
+                add_special_tokens = False
+        return tuple(self.tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """lm-eval HFLM.tok_batch_encode (generation prompts): no special tokens for a text that starts with the BOS
+        string, else add_bos_token's choice, else the tokenizer's."""
+        bos = self.tok.bos_token
+        special = not (bos and text.startswith(bos)) and self.add_bos_token is not False
+        return self.tok.encode(text, add_special_tokens=special)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tok.encode(text))
@@ -43,9 +61,9 @@ class LocalLM:
         return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
 
     def encode_pair(self, context: str, continuation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        if context == "":
-            cont = tuple(self.tok.encode(continuation, add_special_tokens=False))
-            return (self.prefix_token_id,), cont
+        if context == "":  # conditioned on the prefix token, unless the continuation starts with it
+            cont = self.tok_encode(continuation, add_special_tokens=False)
+            return ((self.prefix_token_id,), cont) if cont[:1] != (self.prefix_token_id,) else (cont[:1], cont[1:])
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
@@ -168,9 +186,11 @@ class LocalLM:
 
     def loglikelihood_rolling(self, text: str) -> tuple[float, int]:
         """(sum log p(text), n tokens) over lm-eval's rolling windows (lm_eval/utils.py `get_rolling_token_windows`
-        with context_len=1 + `make_disjoint_window`): the first window is conditioned on BOS/EOS, each later one
-        predicts the next <= max_length tokens from the max_length tokens before them."""
-        toks, L = list(self.tok.encode(text, add_special_tokens=False)), self.max_length
+        with context_len=1 + `make_disjoint_window`) of tok_encode(text), special tokens included as lm-eval's
+        loglikelihood_rolling has them (a BOS the tokenizer adds is itself predicted from the prefix token): the
+        first window is conditioned on the prefix token (BOS, else EOS), each later one predicts the next
+        <= max_length tokens from the max_length tokens before them."""
+        toks, L = list(self.tok_encode(text)), self.max_length
         if not toks:
             return 0.0, 0
         n1 = min(L, len(toks))
@@ -198,7 +218,7 @@ class LocalLM:
         from phiforge.generate import GenerationConfig, generate
 
         max_new_tokens = min(max_new_tokens, self.max_length - 1)
-        ids = [list(p) if isinstance(p, list) else list(self.encode(p)) for p in prompts]
+        ids = [list(p) if isinstance(p, list) else self.prompt_ids(p) for p in prompts]
         ids = [x[-(self.max_length - max_new_tokens):] for x in ids]  # left-truncate like lm-eval
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=tuple(until))
         out = []

@@ -261,6 +261,12 @@ def _bias_processor(bias: dict[int, float]):
     return add_bias
 
 
+def _added_positions(tok, ids: list[int]) -> set[int]:
+    """Positions of the special tokens that tok.encode(text, add_special_tokens=True) put around the text."""
+    n = len(ids)
+    return set(range(int(tok.add_bos_token))) | set(range(n - int(tok.add_eos_token), n))
+
+
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -406,9 +412,12 @@ def create_app(server: Server) -> FastAPI:
             p = [p]
         if not p:
             raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
+        # text prompts get the special tokens the tokenizer adds (Phi-3's <s>), as `tokenizer(prompt)` in vLLM
         prompts = [server.check_ids(x) if isinstance(x, list) else server.tok.encode(x, add_special_tokens=True)
                    for x in p]
         texts = [x if isinstance(x, str) else server.tok.decode(ids) for x, ids in zip(p, prompts)]
+        # echo: those added tokens are not in the echoed text, so they take no room in text_offset
+        added = [_added_positions(server.tok, ids) if isinstance(x, str) else set() for x, ids in zip(p, prompts)]
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         jobs = [Job(ids, server.config(req, len(ids), req.max_tokens, 16), queue, loop, index=i,
                     logprobs=req.logprobs, echo=req.echo and req.logprobs is not None)
@@ -423,21 +432,21 @@ def create_app(server: Server) -> FastAPI:
                 self.d = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                 self.offset = offset
 
-            def add(self, token_id, logprob, top):
+            def add(self, token_id, logprob, top, in_text: bool = True):
                 s = server.token_str(token_id)
                 self.d["tokens"].append(s)
                 self.d["token_logprobs"].append(logprob)
                 self.d["top_logprobs"].append(None if top is None else
                                               {server.token_str(i): v for i, v in top})
                 self.d["text_offset"].append(self.offset)
-                self.offset += len(s)
+                self.offset += len(s) if in_text else 0
 
         def chunk_logprobs(c: Chunk, lp: "Logprobs | None"):
             if lp is None:
                 return None
             if c.prompt_logprobs is not None:
-                for t, v, top in c.prompt_logprobs:
-                    lp.add(t, v, top if v is not None else None)
+                for k, (t, v, top) in enumerate(c.prompt_logprobs):
+                    lp.add(t, v, top if v is not None else None, k not in added[c.index])
             if c.token_id is not None:
                 lp.add(c.token_id, c.logprob, c.top if req.logprobs else None)
             return lp.d

@@ -220,7 +220,7 @@ def assistant_spans(tok, msgs: list[dict], last_only: bool = False) -> tuple[lis
     e.g. "\\n   " before indented code, counts as the answer's, as in transformers' char_to_token masks) and mapped to
     tokens with the tokenizer's offsets; without offsets the same comparison is done on token ids."""
     text = render(tok, msgs)
-    full = tok.encode(text)
+    full = tok.encode(text)  # no added special tokens: the template writes them (as apply_chat_template(tokenize=True))
     offsets = _offsets(tok, text, full)
     spans = []
     for i, m in enumerate(msgs):
