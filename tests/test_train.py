@@ -215,6 +215,32 @@ def test_plot(tmp_path, data):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_heldout_bpb_equals_the_perplexity_command_on_the_exported_model(tmp_path, data, capsys):
+    """pretrain's `heldout` score at the last step is `phiforge perplexity --docs --last-docs --rolling` on the
+    exported weights, to the printed digit; the plot gains the held-out panel with a reference line."""
+    from phiforge import perplexity
+    from phiforge.train import plot
+
+    stories = make_stories(40, seed=9)
+    held = tmp_path / "held.txt"
+    held.write_text("\n<|endoftext|>\n".join(stories))
+    out = tmp_path / "run"
+    spec = {"data": str(held), "docs": "eot", "last_docs": 7, "ctx": 32}
+    pretrain.main(tiny_args(data, out, max_steps=4, heldout=spec, export=True))
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in recs if "heldout_bpb" in r]
+    assert [r["step"] for r in scored] == [3, 4] and all(r["elapsed_s"] > 0 for r in scored)
+    capsys.readouterr()
+    perplexity.main([str(out / "final"), "--data", str(held), "--docs", "eot", "--last-docs", "7", "--rolling",
+                     "--ctx", "32"])
+    assert f"{scored[-1]['heldout_bpb']:.4f} bits per byte" in capsys.readouterr().out
+    assert plot.main([str(out), "--hline", "baseline=1.5"]) == 0
+    with pytest.raises(UserError, match="LABEL=NUMBER"):
+        plot.main([str(out), "--hline", "baseline=x"])
+    with pytest.raises(UserError, match="heldout"):
+        pretrain.main(tiny_args(data, tmp_path / "bad", heldout={"file": str(held)}))
+
+
 # -- exact resume ------------------------------------------------------------------------------------------------
 def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, data):
     """Kill a training subprocess with SIGKILL at a random step after its first checkpoint, resume it, and

@@ -2,6 +2,10 @@
 
     phiforge plot runs/tinystories                # writes runs/tinystories/loss.png
     phiforge plot runs/a runs/b --out cmp.png     # several runs on one figure
+    phiforge plot runs/tinystories/train --hline "transformers loop=1.017"   # + a reference line on held-out bpb
+
+Runs that logged `heldout_bpb` (pretrain's `heldout` setting) get a second panel: held-out bits per byte against
+training minutes, with each --hline as a horizontal reference.
 """
 from __future__ import annotations
 
@@ -35,20 +39,46 @@ def ema(values: list[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+def plot_heldout(ax, all_records: dict, hlines: list[tuple[str, float]]) -> None:
+    """Held-out bits per byte against training minutes, one line per run, plus reference lines."""
+    for run, records in all_records.items():
+        pts = [(r["elapsed_s"] / 60, r["heldout_bpb"]) for r in records if "heldout_bpb" in r and "elapsed_s" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{Path(run).name} (last {pts[-1][1]:.3f})")
+    for i, (label, value) in enumerate(hlines):
+        ax.axhline(value, color=f"C{i + 3}", ls="--", label=f"{label} ({value:g})")
+    ax.set_xlabel("training minutes (compile and evaluation included)")
+    ax.set_ylabel("held-out bits per byte")
+    ax.set_title("held-out bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="phiforge plot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     ap.add_argument("--out", help="PNG path (default: RUN/loss.png of the first run)")
+    ap.add_argument("--hline", action="append", default=[], metavar="LABEL=VALUE",
+                    help="a horizontal reference line on the held-out bits-per-byte panel (repeatable)")
     args = ap.parse_args(argv)
+    hlines = []
+    for h in args.hline:
+        label, _, value = h.rpartition("=")
+        try:
+            hlines.append((label or "reference", float(value)))
+        except ValueError:
+            raise UserError(f"--hline {h!r}: expected LABEL=NUMBER") from None
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for run in args.runs:
-        records = read_metrics(run)
+    all_records = {run: read_metrics(run) for run in args.runs}
+    heldout = any("heldout_bpb" in r for recs in all_records.values() for r in recs)
+    fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(15 if heldout else 8, 5), squeeze=False)
+    ax = axes[0][0]
+    for run, records in all_records.items():
         label = Path(run).name
         train = [r for r in records if "loss" in r]
         if train:
@@ -69,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title("phiforge pretrain" + (" (dashed: phase switch)" if len(args.runs) == 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend()
+    if heldout:
+        plot_heldout(axes[0][1], all_records, hlines)
     out = Path(args.out) if args.out else Path(args.runs[0]) / "loss.png"
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")

@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % cfg.eval_every == 0 or step == cfg.max_steps or stop:
             val = evaluate()
             if val:
-                log({"step": step, "tokens": tokens_seen, **val})
+                log({"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed(), 2), **val})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()), file=sys.stderr)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
             checkpoint(step, schedule_step(step, seconds), seconds if cfg.max_minutes else elapsed())
