@@ -7,14 +7,16 @@
 Commands: /reset (forget the conversation, keep the system prompt), /system TEXT (set the system prompt and reset),
 /exit or /quit (or end of input). Ctrl-C during an answer stops that answer (the partial answer stays in the
 history); Ctrl-C at the prompt only clears the line. Answers end at the tokenizer's stop set (`<|end|>`, eos).
-The conversation is rendered with `tokenizer.apply_chat_template` every turn; when it no longer fits the model's
-context, the oldest turns are dropped.
+The conversation is rendered with `tokenizer.apply_chat_template` every turn; when it no longer leaves room for the
+answer (--max-new-tokens, at most half the context), the oldest turns are dropped. An answer gets --max-new-tokens
+(default: whatever the context leaves), capped at the context with a notice on stderr, as llama.cpp's -c.
 """
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
+from dataclasses import replace
 
 from phiforge.generate import (add_model_args, add_sampling_args, config_from_args, load_for_cli,
                                stream_generate)
@@ -27,10 +29,15 @@ HELP = "commands: /reset, /system TEXT, /exit"
 class ChatSession:
     """The conversation state and one-turn answer logic (the REPL below is a thin loop around it)."""
 
-    def __init__(self, model, tokenizer, config, system: str | None = None, compile: bool = False):
+    def __init__(self, model, tokenizer, config, system: str | None = None, compile: bool = False,
+                 max_new_tokens: int | None | str = "config"):
+        """max_new_tokens: None = each answer gets what is left of the context; default: config.max_new_tokens
+        (capped at the context with a notice, as llama.cpp's -c)."""
         self.model, self.tok, self.config, self.compile = model, tokenizer, config, compile
+        self.want = config.max_new_tokens if max_new_tokens == "config" else max_new_tokens
         self.system = system
         self.history: list[dict] = []
+        self.notice = sys.stderr
 
     def reset(self) -> None:
         self.history = []
@@ -39,17 +46,33 @@ class ChatSession:
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         return sys_msg + self.history
 
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
     def prompt_ids(self) -> list[int]:
-        limit = self.model.config.max_position_embeddings - self.config.max_new_tokens
+        # old turns are dropped until the answer has room for what was asked, but never more than half the
+        # context: a long request then gets a capped answer instead of a forgotten conversation
+        reserve = min(self.want or self.context, self.context // 2)
         while True:
             ids = self.tok.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=True)
-            if len(ids) <= limit or len(self.history) <= 1:
+            if len(ids) <= self.context - reserve or len(self.history) <= 1:
                 break
             self.history = self.history[2:]  # drop the oldest user/assistant pair
-        if len(ids) > limit:
-            raise UserError(f"the message ({len(ids)} tokens) plus --max-new-tokens {self.config.max_new_tokens} "
-                            f"does not fit the context of {self.model.config.max_position_embeddings} tokens")
+        if len(ids) >= self.context:
+            raise UserError(f"the message ({len(ids)} tokens) does not fit the context of {self.context} tokens")
         return ids
+
+    def answer_tokens(self, prompt_len: int) -> int:
+        """Tokens this answer may have: what was asked, capped (with a notice) at what is left of the context."""
+        room = self.context - prompt_len
+        if self.want is None:
+            return room
+        if self.want > room:
+            print(f"[answer capped at {room} tokens: the conversation uses {prompt_len} of the context of "
+                  f"{self.context}]", file=self.notice, flush=True)
+            return room
+        return self.want
 
     def answer(self, user_text: str, out=sys.stdout) -> tuple[str, str]:
         """Stream the answer to `out`; returns (answer text, finish reason or "interrupted")."""
@@ -61,7 +84,8 @@ class ChatSession:
             raise
         text, reason = [], "interrupted"
         try:
-            for ev in stream_generate(self.model, self.tok, ids, self.config, compile=self.compile):
+            config = replace(self.config, max_new_tokens=self.answer_tokens(len(ids)))
+            for ev in stream_generate(self.model, self.tok, ids, config, compile=self.compile):
                 if ev.text:
                     text.append(ev.text)
                     out.write(ev.text)
@@ -128,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                  + HELP + "; Ctrl-C stops the current answer.")
     add_model_args(ap)
     ap.add_argument("--system", default=None, help="system prompt")
-    add_sampling_args(ap, max_new_tokens=512)
+    add_sampling_args(ap, max_new_tokens=None)
     args = ap.parse_args(argv)
     config = config_from_args(args)
     model, tokenizer = load_for_cli(args)
@@ -138,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     # inherited SIGINT as ignored (anything started in the background by a non-interactive shell, e.g. `make test
     # &`): Python keeps an inherited SIG_IGN and Ctrl-C would silently do nothing.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return repl(ChatSession(model, tokenizer, config, system=args.system, compile=args.compile))
+    return repl(ChatSession(model, tokenizer, config, system=args.system, compile=args.compile,
+                            max_new_tokens=args.max_new_tokens))
 
 
 if __name__ == "__main__":

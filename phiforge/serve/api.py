@@ -156,14 +156,18 @@ class Server:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+        except RecursionError:  # json.loads recurses per nesting level: `{"a":` x 5000 is a bad request, not a 500
+            raise ApiError(400, "request body is nested too deeply", "invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_json")
         try:
             req = schema.model_validate(data)
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply", "invalid_json") from None
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
-            raise ApiError(422, f"{loc}: {err['msg']} (got {str(err.get('input'))[:80]!r})"
+            raise ApiError(422, f"{loc}: {err['msg']} (got {_short(err.get('input'))!r})"
                            + (f" and {e.error_count() - 1} more error(s)" if e.error_count() > 1 else ""),
                            "invalid_value", loc) from None
         if req.model is not None and req.model != self.model_id:
@@ -171,9 +175,11 @@ class Server:
                            "model_not_found", "model")
         return req
 
-    def config(self, req: Sampling, prompt_len: int, max_tokens: int | None,
-               default: int | None) -> GenerationConfig | None:
-        """GenerationConfig for one prompt; None for max_tokens 0. Checks the context limit."""
+    def config(self, req: Sampling, prompt_len: int, max_tokens: int | None, default: int | None,
+               notices: list[str] | None = None) -> GenerationConfig | None:
+        """GenerationConfig for one prompt; None for max_tokens 0. A max_tokens beyond the context is capped at it
+        (as llama.cpp's server and `phiforge generate` do; the finish_reason is then "length") and a notice is
+        appended to `notices`; a prompt that leaves no room is an error."""
         room = self.context - prompt_len
         if prompt_len == 0:
             raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
@@ -183,9 +189,10 @@ class Server:
         if max_tokens is None:
             max_tokens = room if default is None else min(default, room)
         if max_tokens > room:
-            raise ApiError(400, f"max_tokens is {max_tokens} but the prompt uses {prompt_len} of the context of "
-                                f"{self.context} tokens: at most {room} tokens can be generated",
-                           "context_length_exceeded", "max_tokens")
+            if notices is not None:
+                notices.append(f"max_tokens {max_tokens} capped at {room}: the prompt uses {prompt_len} of the "
+                               f"context of {self.context} tokens")
+            max_tokens = room
         if max_tokens == 0:
             return None
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -271,6 +278,18 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _short(value, n: int = 80) -> str:
+    try:
+        return str(value)[:n]
+    except RecursionError:  # a deeply nested value that still parsed
+        return "(a deeply nested value)"
+
+
+def _notice_headers(notices: list[str]) -> dict:
+    """A capped request still succeeds; the header (and the server's log) says what was changed."""
+    return {"X-Phiforge-Notice": "; ".join(notices)} if notices else {}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -336,7 +355,9 @@ def create_app(server: Server) -> FastAPI:
         except UserError as e:
             raise ApiError(400, str(e), "invalid_messages", "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        cfg = server.config(req, len(ids), max_tokens, None)
+        notices: list[str] = []
+        cfg = server.config(req, len(ids), max_tokens, None, notices)
+        headers = _notice_headers(notices)
         k = (req.top_logprobs or 0) if req.logprobs else None
         job = Job(ids, cfg, asyncio.Queue(), asyncio.get_running_loop(), logprobs=k)
         server.submit([job])
@@ -386,7 +407,7 @@ def create_app(server: Server) -> FastAPI:
                     yield _sse(e.body())
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
         text, finish, got = [], None, []
         async for c in server.chunks([job], request):
@@ -394,12 +415,12 @@ def create_app(server: Server) -> FastAPI:
             finish = c.finish_reason or finish
             if c.token_id is not None:
                 got.append(c)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                             "logprobs": {"content": lp_entries(got)} if k is not None else None,
-                             "finish_reason": finish or "length"}],
-                "usage": _usage(len(ids), len(got))}
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
+                             "system_fingerprint": None,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                                          "logprobs": {"content": lp_entries(got)} if k is not None else None,
+                                          "finish_reason": finish or "length"}],
+                             "usage": _usage(len(ids), len(got))}, headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -419,10 +440,12 @@ def create_app(server: Server) -> FastAPI:
         # echo: those added tokens are not in the echoed text, so they take no room in text_offset
         added = [_added_positions(server.tok, ids) if isinstance(x, str) else set() for x, ids in zip(p, prompts)]
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = [Job(ids, server.config(req, len(ids), req.max_tokens, 16), queue, loop, index=i,
+        notices: list[str] = []
+        jobs = [Job(ids, server.config(req, len(ids), req.max_tokens, 16, notices), queue, loop, index=i,
                     logprobs=req.logprobs, echo=req.echo and req.logprobs is not None)
                 for i, ids in enumerate(prompts)]
         server.submit(jobs)
+        headers = _notice_headers(notices)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
                 "system_fingerprint": None}
@@ -481,7 +504,7 @@ def create_app(server: Server) -> FastAPI:
                     yield _sse(e.body())
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
         text = [[t] if req.echo else [] for t in texts]
         finish: list[str | None] = [None] * len(jobs)
@@ -494,9 +517,9 @@ def create_app(server: Server) -> FastAPI:
             chunk_logprobs(c, lps[c.index])
             if c.token_id is not None:
                 counts[c.index] += 1
-        return {**head, "choices": [{"text": "".join(text[i]), "index": i,
-                                     "logprobs": lps[i].d if lps[i] is not None else None,
-                                     "finish_reason": finish[i] or "length"} for i in range(len(jobs))],
-                "usage": _usage(sum(map(len, prompts)), sum(counts))}
+        return JSONResponse({**head, "choices": [{"text": "".join(text[i]), "index": i,
+                                                  "logprobs": lps[i].d if lps[i] is not None else None,
+                                                  "finish_reason": finish[i] or "length"} for i in range(len(jobs))],
+                             "usage": _usage(sum(map(len, prompts)), sum(counts))}, headers=headers)
 
     return app
