@@ -513,7 +513,7 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
     """Inverse of save_quantized: (model, tokenizer or None)."""
     from safetensors.torch import load_file
 
-    from phiforge.checkpoint import build_model, read_config, resolve_dtype
+    from phiforge.checkpoint import build_model, check_finite, read_config, resolve_dtype
     from phiforge.tokenizer import Tokenizer
 
     folder = Path(folder)
@@ -528,6 +528,7 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
         _set_module(model, name, new)
     state = load_file(str(folder / "model.safetensors"))
     state = {k: (v.to(dtype) if v.is_floating_point() and not _is_quant_buffer(k, qc) else v) for k, v in state.items()}
+    check_finite(state, str(folder))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
