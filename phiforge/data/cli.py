@@ -1,7 +1,7 @@
 """`phiforge data <stage> ...`: run one stage, or `phiforge data run RECIPE` to chain them.
 
     phiforge data filter ../shared/data/web --out runs/data/filter
-    phiforge data run recipes/data_web.yaml
+    phiforge data run my_data_recipe.yaml         # a recipe file as below
 
 A recipe (YAML or JSON) names an output root and a list of stages; each stage reads the previous stage's output
 unless it gives `inputs`, writes to <out>/<i>_<stage>, and gets `args` as --flags (lists expand, true = flag).

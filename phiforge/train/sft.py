@@ -1,8 +1,8 @@
 """Supervised fine-tuning on chat data with the loss on assistant tokens only.
 
     phiforge sft --model runs/pretrain/final --data ../shared/data/sft/alpaca_en_demo.json --out runs/sft
-    phiforge sft --config recipes/sft.yaml --max_steps 50 --out runs/sft2             # flags override YAML
-    phiforge sft --config recipes/sft.yaml --out runs/sft2 --resume                   # continue exactly
+    phiforge sft --config runs/sft/config.yaml --max_steps 50 --out runs/sft2         # flags override YAML
+    phiforge sft --config runs/sft/config.yaml --out runs/sft2 --resume               # continue exactly
     phiforge sft --model runs/pretrain/final --data chats.jsonl --lora true --lora_r 16 --out runs/sft-lora
 
 Data: `messages` jsonl, Alpaca (instruction/input/output[/history]) or ShareGPT (conversations) records, .json or
