@@ -260,10 +260,17 @@ def _read_json(path: Path):
 
 
 def _iter_lines(files: Iterable[str | Path]) -> Iterator[str]:
+    """Lines of text files; the `text` field of .jsonl/.parquet records (training on their JSON syntax would
+    spend the vocabulary on `{"text": "` and escapes)."""
+    from phiforge.train.tokenize import JSONL_EXT, PARQUET_EXT, read_documents
+
     for f in files:
         p = Path(f)
         if not p.exists():
             raise UserError(f"tokenizer training file {p} does not exist")
+        if p.name.endswith(JSONL_EXT + PARQUET_EXT):
+            yield from read_documents(p, "text", "line")
+            continue
         opener = gzip.open if p.suffix == ".gz" else open
         with opener(p, "rt", encoding="utf-8", errors="replace") as fh:
             yield from fh
@@ -294,7 +301,8 @@ def train_bpe(texts: Iterable[str] | None = None, vocab_size: int = 8192, files:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="phiforge tokenizer", description=train_bpe.__doc__)
-    ap.add_argument("--files", nargs="+", required=True, help="text files (.txt or .txt.gz), one document per line ok")
+    ap.add_argument("--files", nargs="+", required=True,
+                    help="text files (.txt, .txt.gz; one document per line ok) or .jsonl/.parquet (their `text` field)")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--out", required=True, help="folder to write tokenizer.json + tokenizer_config.json")
     args = ap.parse_args(argv)
