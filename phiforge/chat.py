@@ -5,8 +5,10 @@
     printf 'Hi!\\n/exit\\n' | python -m phiforge.chat runs/sft/final     # piped input works too
 
 Commands: /reset (forget the conversation, keep the system prompt), /system TEXT (set the system prompt and reset),
-/exit or /quit (or end of input). Ctrl-C during an answer stops that answer (the partial answer stays in the
-history); Ctrl-C at the prompt only clears the line. Answers end at the tokenizer's stop set (`<|end|>`, eos).
+/exit or /quit (or end of input). A line ending in a backslash continues on the next; text between two lines of
+triple double quotes is one message (as in Ollama). At a terminal, lines can be edited and the history (kept in the
+phiforge cache) is recalled with the arrow keys. Ctrl-C during an answer stops that answer (the partial answer stays
+in the history); Ctrl-C at the prompt only clears the line. Answers end at the tokenizer's stop set (`<|end|>`, eos).
 The conversation is rendered with `tokenizer.apply_chat_template` every turn; when it no longer leaves room for the
 answer (--max-new-tokens, at most half the context), the oldest turns are dropped. An answer gets --max-new-tokens
 (default: whatever the context leaves), capped at the context with a notice on stderr, as llama.cpp's -c.
@@ -101,26 +103,87 @@ class ChatSession:
         return answer, reason
 
 
+def _history():
+    """Line editing and a history kept across sessions (as Ollama's and llama.cpp's REPLs): readline's, in the
+    phiforge cache. Returns a function that saves it, or None where readline is missing."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    from phiforge.utils import cache_dir
+
+    path = cache_dir() / "chat_history"
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass  # a read-only home: the session still worked
+
+    return save
+
+
+def read_message(read_line) -> str:
+    """One message: a line; lines ending in a backslash continue on the next; a block between lines of \"\"\"
+    (as in Ollama) is taken as it is. `read_line(continued)` returns a line without its newline."""
+    line = read_line(False)
+    if line.strip().startswith('"""'):
+        first = line.strip()[3:]
+        if first.endswith('"""'):
+            return first[:-3]
+        lines = [first] if first else []
+        while True:
+            nxt = read_line(True)
+            if nxt.rstrip().endswith('"""'):
+                lines.append(nxt.rstrip()[:-3])
+                return "\n".join(lines).rstrip("\n")
+            lines.append(nxt)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read_line(True)
+    return "\n".join(lines + [line])
+
+
 def repl(session: ChatSession, stdin=None, out=sys.stdout) -> int:
     stdin = stdin or sys.stdin
     interactive = stdin.isatty()
+    save_history = _history() if interactive else None
+
+    def read_line(continued: bool) -> str:
+        if interactive:
+            return input("... " if continued else PROMPT)
+        if not continued:
+            out.write(PROMPT)
+            out.flush()
+        line = stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+
+    try:
+        return _loop(session, read_line, out)
+    finally:
+        if save_history is not None:
+            save_history()
+
+
+def _loop(session: ChatSession, read_line, out) -> int:
     while True:
         try:
-            if interactive:
-                line = input(PROMPT)
-            else:
-                out.write(PROMPT)
-                out.flush()
-                line = stdin.readline()
-                if not line:
-                    raise EOFError
+            line = read_message(read_line)
         except EOFError:
             out.write("\n")
             return 0
         except KeyboardInterrupt:  # at the prompt: a fresh line, the session goes on
             out.write("\n")
             continue
-        line = line.rstrip("\r\n")
         cmd = line.strip()
         if not cmd:
             continue

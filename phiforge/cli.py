@@ -34,7 +34,7 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: phiforge <command> [options]", "", "commands:"]
+    lines = ["usage: phiforge <command> [options]   (phiforge --version)", "", "commands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `phiforge <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -53,14 +53,28 @@ def run_main(main, argv: list[str]) -> int:
     return int(rc or 0)
 
 
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean X?)' for the closest choice, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from phiforge import __version__
+
+        print(f"phiforge {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"phiforge: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        print(f"phiforge: error: unknown command {name!r}{did_you_mean(name, COMMANDS)}; "
+              "run `phiforge --help` for the list", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return run_main(module.main, rest)

@@ -298,3 +298,63 @@ def test_deeply_nested_json_is_a_400(server):
         assert r.status_code in (400, 422), (r.status_code, r.text[:300])
         assert r.json()["error"]["message"]
     assert httpx.get(server + "/health", timeout=10).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What users of llama.cpp, Ollama and litgpt reach for
+
+
+def test_version_and_did_you_mean_for_commands_and_data_stages():
+    from phiforge import __version__
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"phiforge {__version__}"
+    proc = run_cli("genrate")
+    assert proc.returncode == 2 and "did you mean generate?" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert_one_line_error(run_cli("data", "classify"), "did you mean train-classifier or score?")
+    assert_one_line_error(run_cli("data", "dedupe"), "did you mean dedup?")
+
+
+def test_chat_reads_multi_line_messages():
+    from phiforge.chat import ChatSession, repl
+
+    class Recorder(ChatSession):
+        def __init__(self):
+            self.got = []
+
+        def answer(self, user_text, out=sys.stdout):
+            self.got.append(user_text)
+            return "", "stop"
+
+    import io
+    session = Recorder()
+    stdin = io.StringIO('first line \\\nsecond line\n"""\ncode:\n\n  x = 1\n"""\nplain\n/exit\n')
+    assert repl(session, stdin=stdin, out=io.StringIO()) == 0
+    assert session.got == ["first line \nsecond line", "code:\n\n  x = 1", "plain"]
+
+
+def test_request_log_line_and_prometheus_metrics(model_dir, capfd):
+    from phiforge.serve import start_background
+
+    url, stop = start_background(load(str(model_dir)), model_id="tiny", access_log=True)
+    try:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Tom", "max_tokens": 5, "temperature": 0,
+                                                      "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200
+        assert httpx.post(url + "/v1/completions", content=b"{", timeout=60).status_code == 400
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+                "ignore_eos": True}) as s:
+            assert s.status_code == 200 and s.read().endswith(b"data: [DONE]\n\n")
+        m = httpx.get(url + "/metrics", timeout=10)
+    finally:
+        stop()
+    err = capfd.readouterr().err
+    assert re.search(r"POST /v1/completions 200 tokens=5 \d+ms", err), err
+    assert re.search(r"POST /v1/completions 400 tokens=- \d+ms", err), err
+    assert re.search(r"POST /v1/chat/completions 200 tokens=3 \d+ms", err), err
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    text = m.text
+    assert 'phiforge_requests_total{method="POST",path="/v1/completions",status="200"} 1' in text
+    assert 'phiforge_requests_total{method="POST",path="/v1/completions",status="400"} 1' in text
+    assert "phiforge_generated_tokens_total 8" in text and "# TYPE phiforge_running gauge" in text

@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] not in STAGES:
-        raise UserError(f"unknown data stage {argv[0]!r}; use one of {', '.join(STAGES)}")
+        from phiforge.cli import did_you_mean
+
+        # `classify` was the README's name for the classifier stages
+        hint = " (did you mean train-classifier or score?)" if argv[0] == "classify" else did_you_mean(argv[0], STAGES)
+        raise UserError(f"unknown data stage {argv[0]!r}{hint}; use one of {', '.join(STAGES)}")
     return dispatch(argv)
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Literal, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,6 +25,7 @@ from phiforge.serve.scheduler import Chunk, Closing, Job, QueueFull, Scheduler
 from phiforge.utils import UserError
 
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped) so the client sees the 413
+KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class Server:
 
     def __init__(self, model, tokenizer, model_id: str, max_batch: int = 8, context: int | None = None,
                  max_queue: int = 64, max_body_bytes: int = 4 << 20, api_key: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, access_log: bool = False):
         limit = model.config.max_position_embeddings
         self.context = min(int(context or min(limit, 4096)), limit)
         if max_batch < 1 or max_queue < 0 or self.context < 2:
@@ -128,6 +130,45 @@ class Server:
         self.vocab_size = model.config.vocab_size
         self.sched = Scheduler(model, tokenizer, max_batch=max_batch, max_len=self.context, max_queue=max_queue,
                                compile=compile)
+        self.access_log = access_log
+        self.counts: dict[tuple, int] = {}  # (method, path, status) -> requests, for /metrics
+        self.seconds: dict[str, list] = {}  # path -> [sum of seconds, count]
+
+    # -- the request log and /metrics ------------------------------------------------------------------------------
+    def record(self, method: str, path: str, status: int, tokens: int | None, seconds: float) -> None:
+        """One finished request: counted for /metrics and, with access_log, one line on stderr."""
+        path = path if path in KNOWN_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        key = (method, path, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        acc = self.seconds.setdefault(path, [0.0, 0])
+        acc[0] += seconds
+        acc[1] += 1
+        if self.access_log:
+            print(f"phiforge serve: {method} {path} {status} tokens={tokens if tokens is not None else '-'} "
+                  f"{seconds * 1000:.0f}ms", file=sys.stderr, flush=True)
+
+    def metrics(self) -> str:
+        """Prometheus text exposition format (version 0.0.4)."""
+        h = self.sched.health()
+        out = ["# HELP phiforge_requests_total HTTP requests by method, path and status.",
+               "# TYPE phiforge_requests_total counter"]
+        out += [f'phiforge_requests_total{{method="{m}",path="{p}",status="{st}"}} {n}'
+                for (m, p, st), n in sorted(self.counts.items())]
+        out += ["# HELP phiforge_request_duration_seconds Time from request to the end of the response.",
+                "# TYPE phiforge_request_duration_seconds summary"]
+        for p, (total, n) in sorted(self.seconds.items()):
+            out += [f'phiforge_request_duration_seconds_sum{{path="{p}"}} {total:.6f}',
+                    f'phiforge_request_duration_seconds_count{{path="{p}"}} {n}']
+        for name, key, kind, help_ in (
+                ("generated_tokens_total", "tokens", "counter", "Tokens generated."),
+                ("generations_total", "requests", "counter", "Sequences generated (one per prompt)."),
+                ("generations_cancelled_total", "cancelled", "counter", "Sequences cancelled (client gone)."),
+                ("generation_errors_total", "errors", "counter", "Sequences ended by an error."),
+                ("running", "running", "gauge", "Sequences being decoded now."),
+                ("waiting", "waiting", "gauge", "Sequences waiting for a free row."),
+                ("max_batch", "max_batch", "gauge", "Rows decoded together (--max-batch).")):
+            out += [f"# HELP phiforge_{name} {help_}", f"# TYPE phiforge_{name} {kind}", f"phiforge_{name} {h[key]}"]
+        return "\n".join(out) + "\n"
 
     # -- request checks ------------------------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -297,6 +338,32 @@ def _sse(obj) -> str:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+class RequestLog:
+    """ASGI middleware: times every request and hands (method, path, status, completion tokens, seconds) to
+    Server.record once the response has been sent. Pure ASGI, not BaseHTTPMiddleware, so streaming and the
+    disconnect detection of the routes are untouched."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+        state = scope.setdefault("state", {})  # request.state: the routes put "tokens" there
+
+        async def send_and_watch(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self.server.record(scope["method"], scope["path"], status[0], state.get("tokens"),
+                               time.perf_counter() - t0)
+
+
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -319,6 +386,12 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").response()
+
+    app.add_middleware(RequestLog, server=server)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health():
@@ -387,6 +460,7 @@ def create_app(server: Server) -> FastAPI:
                         if c.token_id is not None:
                             n += 1
                             held.append(c)
+                            request.state.tokens = n  # for the request log
                         if not c.text and c.finish_reason is None:
                             continue
                         lps = {"content": lp_entries(held)} if k is not None else None
@@ -415,6 +489,7 @@ def create_app(server: Server) -> FastAPI:
             finish = c.finish_reason or finish
             if c.token_id is not None:
                 got.append(c)
+        request.state.tokens = len(got)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
                              "system_fingerprint": None,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -489,6 +564,7 @@ def create_app(server: Server) -> FastAPI:
                     async for c in server.chunks(jobs):
                         if c.token_id is not None:
                             counts[c.index] += 1
+                            request.state.tokens = sum(counts)  # for the request log
                         if lps[c.index] is not None:
                             lps[c.index] = Logprobs(lps[c.index].offset)  # each chunk carries its own tokens
                         lp = chunk_logprobs(c, lps[c.index])
@@ -517,6 +593,7 @@ def create_app(server: Server) -> FastAPI:
             chunk_logprobs(c, lps[c.index])
             if c.token_id is not None:
                 counts[c.index] += 1
+        request.state.tokens = sum(counts)
         return JSONResponse({**head, "choices": [{"text": "".join(text[i]), "index": i,
                                                   "logprobs": lps[i].d if lps[i] is not None else None,
                                                   "finish_reason": finish[i] or "length"} for i in range(len(jobs))],
