@@ -15,14 +15,13 @@ answer (--max-new-tokens, at most half the context), the oldest turns are droppe
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 from dataclasses import replace
 
 from phiforge.generate import (add_model_args, add_sampling_args, config_from_args, load_for_cli,
                                stream_generate)
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 PROMPT = ">>> "
 HELP = "commands: /reset, /system TEXT, /exit"
@@ -211,7 +210,7 @@ def _loop(session: ChatSession, read_line, out) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge chat", description="Interactive chat with a model's chat template. "
+    ap = ArgumentParser(prog="phiforge chat", description="Interactive chat with a model's chat template. "
                                  + HELP + "; Ctrl-C stops the current answer.")
     add_model_args(ap)
     ap.add_argument("--system", default=None, help="system prompt")

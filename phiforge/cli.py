@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from phiforge.utils import UserError
+from phiforge.utils import UserError, did_you_mean
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
 COMMANDS = {
@@ -51,14 +51,6 @@ def run_main(main, argv: list[str]) -> int:
         print("phiforge: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
-
-
-def did_you_mean(word: str, choices) -> str:
-    """' (did you mean X?)' for the closest choice, or ''."""
-    import difflib
-
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def main(argv: list[str] | None = None) -> int:

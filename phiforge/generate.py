@@ -61,7 +61,7 @@ from typing import Callable, Iterable, Iterator, Sequence as Seq
 import torch
 
 from phiforge.fast import use_bf16_kernel
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 Sampler = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 Processor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -830,7 +830,7 @@ def read_prompt(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge generate", description="Generate text; streams it to stdout, "
+    ap = ArgumentParser(prog="phiforge generate", description="Generate text; streams it to stdout, "
                                  "prints time-to-first-token and tokens/s to stderr.")
     add_model_args(ap)
     src = ap.add_mutually_exclusive_group(required=True)

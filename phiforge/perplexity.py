@@ -19,7 +19,6 @@ EOS besides the documents' UTF-8 bytes. --last-docs N keeps only the last N docu
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 TEXT_SUFFIXES = (".txt", ".gz", ".jsonl", ".json", ".parquet", ".md", ".raw", ".tokens")
 
@@ -210,7 +209,7 @@ def document_stream(tok, docs: list[str]) -> tuple[list[int], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge perplexity", description="Strided-window perplexity (+ KL vs a "
+    ap = ArgumentParser(prog="phiforge perplexity", description="Strided-window perplexity (+ KL vs a "
                                  "reference model).")
     ap.add_argument("model", help="HF model folder or phiforge quantized folder (needs a tokenizer)")
     ap.add_argument("--data", required=True, help="text file or folder (.txt, .gz, .jsonl, .parquet)")

@@ -21,7 +21,6 @@ Deviations from the GPTQ paper, on purpose:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json
 
 # The int4 group sizes `phiforge quantize` offers: the ones aten's int4 kernel takes and our kernel compiles in.
 # (Int4Linear itself accepts any multiple of 32, e.g. from a checkpoint made elsewhere.)
@@ -569,7 +568,7 @@ def calibration_ids(tokenizer, path: str, n_samples: int = 128, seq_len: int = 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge quantize", description="Weight-only int8/int4 quantization.")
+    ap = ArgumentParser(prog="phiforge quantize", description="Weight-only int8/int4 quantization.")
     ap.add_argument("model", help="HF model folder (or a preset name)")
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256")

@@ -358,3 +358,16 @@ def test_request_log_line_and_prometheus_metrics(model_dir, capfd):
     assert 'phiforge_requests_total{method="POST",path="/v1/completions",status="200"} 1' in text
     assert 'phiforge_requests_total{method="POST",path="/v1/completions",status="400"} 1' in text
     assert "phiforge_generated_tokens_total 8" in text and "# TYPE phiforge_running gauge" in text
+
+
+def test_mistyped_flag_suggests_the_option_and_help_shows_defaults():
+    proc = run_cli("perplexity", "m", "--data", "x", "--max-tokenz", "3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "did you mean --max-tokens?" in proc.stderr
+    from phiforge.cli import COMMANDS
+
+    for name in ("generate", "chat", "serve", "perplexity", "quantize", "eval"):
+        out = run_cli(name, "--help").stdout
+        assert "(default: " in out, name
+    assert "--top-p TOP_P         (default: 1.0)" in run_cli("generate", "--help").stdout
+    assert set(COMMANDS) >= {"generate", "chat", "serve", "perplexity", "quantize", "eval"}

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] not in STAGES:
-        from phiforge.cli import did_you_mean
+        from phiforge.utils import did_you_mean
 
         # `classify` was the README's name for the classifier stages
         hint = " (did you mean train-classifier or score?)" if argv[0] == "classify" else did_you_mean(argv[0], STAGES)

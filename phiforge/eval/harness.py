@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from phiforge.eval.metrics import aggregate, mc_scores
-from phiforge.utils import UserError, atomic_write_json, atomic_write_text, shared_dir
+from phiforge.utils import (ArgumentParser, UserError, atomic_write_json, atomic_write_text,
+                            shared_dir)
 
 
 def available_tasks() -> list[str]:
@@ -133,7 +134,7 @@ def markdown_table(results: dict, metrics_of: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge eval", description=__doc__.split("\n")[0],
+    ap = ArgumentParser(prog="phiforge eval", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("model", help="local model folder or OpenAI-compatible base URL (http://host:port/v1)")
     ap.add_argument("--tasks", required=True, action="append",

@@ -15,7 +15,6 @@ See docs/serve.md.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 __all__ = ["main", "start_background", "create_app", "Server"]
 
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from phiforge import load
     from phiforge.generate import add_model_args
 
-    ap = argparse.ArgumentParser(prog="phiforge serve", description="OpenAI-compatible server: /v1/models, "
+    ap = ArgumentParser(prog="phiforge serve", description="OpenAI-compatible server: /v1/models, "
                                  "/v1/chat/completions, /v1/completions, /health, /metrics (Prometheus).")
     add_model_args(ap)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -36,7 +36,7 @@ def ema(values: list[float], alpha: float = 0.1) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge plot", description=__doc__,
+    ap = ArgumentParser(prog="phiforge plot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     ap.add_argument("--out", help="PNG path (default: RUN/loss.png of the first run)")

@@ -41,7 +41,7 @@ from phiforge.train.config import format_config, resolve_config, save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.shards import open_shard, read_meta, shard_paths
 from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
-from phiforge.utils import UserError, atomic_write_text
+from phiforge.utils import ArgumentParser, UserError, atomic_write_text
 
 
 @dataclass
@@ -286,7 +286,7 @@ class _GracefulInterrupt:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="phiforge pretrain", description=__doc__,
+    ap = ArgumentParser(prog="phiforge pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Any PretrainConfig field can be set with --key value or --key=value.")
     ap.add_argument("--config", help="recipe YAML (settings between the defaults and the flags)")
