@@ -34,7 +34,7 @@ def resolve_path(path_or_repo: str) -> Path:
         if not p.is_dir():
             raise UserError(f"{p} is a file; pass the model folder that holds config.json")
         return p
-    if path_or_repo.count("/") == 1 and not path_or_repo.startswith((".", "/")):
+    if _looks_like_repo_id(path_or_repo):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
@@ -46,7 +46,27 @@ def resolve_path(path_or_repo: str) -> Path:
         except Exception as e:  # network, auth or missing repo: one line for the user
             raise UserError(f"could not download {path_or_repo!r} from the Hugging Face Hub: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    raise UserError(f"model folder {path_or_repo!r} does not exist")
+    raise UserError(f"model folder {path_or_repo!r} does not exist" + _did_you_mean(p))
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    """owner/name, and `owner` is not a local folder: `runs/defualt` is a mistyped path, not a Hub repo."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return False
+    return not Path(name.split("/")[0]).is_dir()
+
+
+def _did_you_mean(p: Path) -> str:
+    """' (did you mean runs/default?)' naming the nearest existing sibling folder, or ''."""
+    import difflib
+
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        names = [c.name for c in parent.iterdir() if c.is_dir()] if parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(p.name, names, n=1, cutoff=0.6)
+    return f" (did you mean {parent / close[0] if str(p.parent) != '.' else close[0]}?)" if close else ""
 
 
 def read_config(folder: Path) -> Phi3Config:
@@ -136,9 +156,19 @@ def read_shapes(folder: Path) -> dict[str, tuple]:
     return shapes
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/Inf weights by name: a model with one makes empty generations and `perplexity nan`, silently."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise UserError(f"{source}: tensor {name} holds {kind} values; the checkpoint is broken (a diverged "
+                            "run? an fp16 overflow?): load an earlier checkpoint")
+
+
 def check_and_assign(model: Phi3, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> None:
     check_shapes(model.config, {k: v.shape for k, v in state.items()}, source)
     state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    check_finite(state, source)  # after the cast: a value beyond fp16's range becomes Inf there
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from phiforge.utils import UserError
+from phiforge.utils import UserError, did_you_mean
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
 COMMANDS = {
@@ -34,7 +34,7 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: phiforge <command> [options]", "", "commands:"]
+    lines = ["usage: phiforge <command> [options]   (phiforge --version)", "", "commands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `phiforge <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -58,9 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from phiforge import __version__
+
+        print(f"phiforge {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"phiforge: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        print(f"phiforge: error: unknown command {name!r}{did_you_mean(name, COMMANDS)}; "
+              "run `phiforge --help` for the list", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return run_main(module.main, rest)

@@ -61,7 +61,7 @@ from typing import Callable, Iterable, Iterator, Sequence as Seq
 import torch
 
 from phiforge.fast import use_bf16_kernel
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 Sampler = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 Processor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -336,6 +336,8 @@ class Sequence:
     long: bool = False  # LongRoPE regime of what is in the cache / of the next call
     t_start: float = 0.0
     t_first: float | None = None
+    t_decode: float | None = None  # decode tokens/s is timed from this token: the first, or (compiled) the second
+    n_decode_skip: int = 0  # decode steps left out of tokens/s as warm-up (1 when compiled: it compiles)
     t_end: float | None = None
     # private helpers, set by BatchState.add
     sampler: Sampler = greedy
@@ -354,10 +356,12 @@ class Sequence:
     def result(self) -> GenerationResult:
         end = self.t_end or time.perf_counter()
         first = self.t_first or end
-        n_dec = max(len(self.generated) - 1, 0)
+        # a compiled decode step compiles on its first call: that step is warm-up, not decode speed
+        n_dec = max(len(self.generated) - 1 - self.n_decode_skip, 0) if self.t_decode else 0
+        dec_start = self.t_decode or end
         return GenerationResult(list(self.prompt_ids), list(self.generated), self.text, self.finish_reason or "",
                                 ttft_s=first - self.t_start,
-                                decode_tokens_per_s=n_dec / (end - first) if n_dec and end > first else 0.0)
+                                decode_tokens_per_s=n_dec / (end - dec_start) if n_dec and end > dec_start else 0.0)
 
 
 class BatchState:
@@ -408,7 +412,7 @@ class BatchState:
         except ValueError:
             raise BatchFull(f"all {len(self.rows)} rows are busy") from None
         seq = Sequence(prompt_ids, config, row, index=index, tag=tag, tokens=list(prompt_ids),
-                       t_start=time.perf_counter())
+                       t_start=time.perf_counter(), n_decode_skip=1 if self.compiled else 0)
         seq.sampler = make_sampler(config.temperature, config.top_k, config.top_p, config.min_p)
         seq.processors = [p for p in [make_penalty_processor(config.repetition_penalty, config.presence_penalty,
                                                              config.frequency_penalty)] if p is not None]
@@ -612,6 +616,8 @@ class BatchState:
         for s, tok in zip(seqs, chosen):
             if s.t_first is None:
                 s.t_first = now
+            if len(s.generated) == s.n_decode_skip:  # decode speed is timed from here (after any warm-up step)
+                s.t_decode = now
             ev = self._accept(s, tok)
             ev.logits = logits[s.row]
             events.append(ev)
@@ -761,8 +767,10 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
 
-def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int | None = 256) -> None:
+    ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                    help="capped at what the context leaves after the prompt" if max_new_tokens else
+                    "default: what the context leaves after the prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -776,7 +784,8 @@ def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) ->
 
 
 def config_from_args(args) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    return GenerationConfig(max_new_tokens=args.max_new_tokens or GenerationConfig.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             seed=args.seed, stop_strings=tuple(args.stop), rope_policy=args.rope_policy)
@@ -795,23 +804,55 @@ def load_for_cli(args):
     return model.eval(), tokenizer
 
 
+def fit_to_context(prompt_len: int, max_new_tokens: int, context: int) -> tuple[int, str | None]:
+    """(tokens to generate, notice or None): generation stops at the end of the context, as llama.cpp's -c does,
+    rather than failing or running past the positions the model knows. A prompt that leaves no room is a UserError."""
+    room = context - prompt_len
+    if room < 1:
+        raise UserError(f"the prompt is {prompt_len} tokens; the model's context is {context} tokens: shorten it")
+    if max_new_tokens <= room:
+        return max_new_tokens, None
+    return room, (f"--max-new-tokens {max_new_tokens} capped at {room}: the prompt uses {prompt_len} of the "
+                  f"context of {context} tokens")
+
+
+def read_prompt(args) -> str:
+    """--prompt TEXT, --prompt - (stdin) or --prompt-file FILE, as llama.cpp's -p / -f."""
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge generate", description="Generate text; streams it to stdout, "
+    ap = ArgumentParser(prog="phiforge generate", description="Generate text; streams it to stdout, "
                                  "prints time-to-first-token and tokens/s to stderr.")
     add_model_args(ap)
-    ap.add_argument("--prompt", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt; - reads it from stdin")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from this file")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    ap.add_argument("--system", default=None, help="system message (with --chat)")
+    ap.add_argument("--system", default=None, help="system message; implies --chat")
     add_sampling_args(ap)
     args = ap.parse_args(argv)
     config = config_from_args(args)
+    text = read_prompt(args)
     model, tokenizer = load_for_cli(args)
-    if args.chat:
+    if args.chat or args.system is not None:  # a system message only exists in a chat template
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
+        messages.append({"role": "user", "content": text})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     else:
-        prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
+        prompt = tokenizer.encode(text, add_special_tokens=True)
+    n, notice = fit_to_context(len(prompt), config.max_new_tokens, model.config.max_position_embeddings)
+    if notice:
+        print(f"phiforge generate: notice: {notice}", file=sys.stderr, flush=True)
+        config = replace(config, max_new_tokens=n)
     seq = None
     for ev in stream_generate(model, tokenizer, prompt, config, compile=args.compile):
         seq = ev.seq

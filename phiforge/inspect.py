@@ -5,12 +5,11 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from phiforge.model import PRESETS, Phi3Config
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 SAMPLE = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "What is 2 + 2?"},
@@ -37,7 +36,7 @@ def describe(cfg: Phi3Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge inspect", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="phiforge inspect", description=__doc__.splitlines()[0])
     ap.add_argument("model", help=f"model folder, Hub repo id, or preset ({', '.join(PRESETS)})")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = ap.parse_args(argv)

@@ -19,7 +19,6 @@ EOS besides the documents' UTF-8 bytes. --last-docs N keeps only the last N docu
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -29,40 +28,103 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 TEXT_SUFFIXES = (".txt", ".gz", ".jsonl", ".json", ".parquet", ".md", ".raw", ".tokens")
 
 
-def _read_one(p: Path) -> str:
+def _check_not_binary(p: Path, head: bytes) -> None:
+    """A NUL byte in the first block: an image, a checkpoint, a shard... Decoding megabytes of it with errors=replace
+    and tokenizing the result takes minutes and measures nothing."""
+    if b"\0" in head:
+        raise UserError(f"{p} looks like a binary file, not text (it holds NUL bytes); pass a text file")
+
+
+def _read_one(p: Path, max_chars: int | None = None) -> str:
+    """The text of one file; with max_chars, stop reading after about that many characters."""
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(p)
-        if "text" not in table.column_names:
-            raise UserError(f"{p} has no 'text' column (columns: {table.column_names})")
-        return "\n".join(t for t in table.column("text").to_pylist() if t)
+        try:
+            pf = pq.ParquetFile(p)
+        except Exception as e:  # pyarrow raises its own types for a file that is not parquet
+            raise UserError(f"{p} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+        if "text" not in pf.schema_arrow.names:
+            raise UserError(f"{p} has no 'text' column (columns: {pf.schema_arrow.names})")
+        texts, n = [], 0
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            for t in batch.column(0).to_pylist():
+                if t:
+                    texts.append(t)
+                    n += len(t) + 1
+            if max_chars is not None and n >= max_chars:
+                break
+        return "\n".join(texts)
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
-        if ".jsonl" in p.suffixes:
-            return "\n".join(json.loads(line).get("text", "") for line in f if line.strip())
-        return f.read()
+    try:
+        with opener(p, "rb") as fb:
+            _check_not_binary(p, fb.read(8192))
+        with opener(p, "rt", encoding="utf-8", errors="replace") as f:
+            if ".jsonl" in p.suffixes:
+                return _read_jsonl(p, f, max_chars)
+            return f.read(-1 if max_chars is None else max_chars)
+    except (OSError, EOFError) as e:  # unreadable, or a .gz that is not gzip
+        raise UserError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def read_text(path: str) -> str:
+def _read_jsonl(p: Path, f, max_chars: int | None) -> str:
+    texts, n = [], 0
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}:{lineno} is not valid JSON ({e})") from None
+        text = record.get("text", "") if isinstance(record, dict) else ""
+        texts.append(text if isinstance(text, str) else "")
+        n += len(texts[-1]) + 1
+        if max_chars is not None and n >= max_chars:
+            break
+    return "\n".join(texts)
+
+
+def read_text(path: str, max_chars: int | None = None) -> str:
     """A text file (.txt/.gz/.jsonl with 'text'/.parquet with 'text'), or a folder of them (prefers files whose
-    name contains 'test', as in wikitext's test split)."""
+    name contains 'test', as in wikitext's test split). max_chars: stop after about that many characters."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path} does not exist")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and any(s in TEXT_SUFFIXES for s in f.suffixes))
-        test = [f for f in files if "test" in f.name]
-        files = test or files
-        if not files:
-            raise UserError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        return "\n".join(_read_one(f) for f in files)
-    return _read_one(p)
+    if not p.is_dir():
+        return _read_one(p, max_chars)
+    files = sorted(f for f in p.rglob("*") if f.is_file() and any(s in TEXT_SUFFIXES for s in f.suffixes))
+    test = [f for f in files if "test" in f.name]
+    files = test or files
+    if not files:
+        raise UserError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+    texts, n = [], 0
+    for f in files:
+        texts.append(_read_one(f, None if max_chars is None else max_chars - n))
+        n += len(texts[-1]) + 1
+        if max_chars is not None and n >= max_chars:
+            break
+    return "\n".join(texts)
+
+
+def encode_prefix(tok, path: str, max_tokens: int) -> tuple[list[int], int | None]:
+    """(ids, bytes) for the first max_tokens (+1) tokens of the data, reading and encoding only a prefix: a few
+    characters per token, doubled until enough tokens come out or the data ends. bytes is None when the data was
+    cut (the ids then stand for no whole text)."""
+    chars = 8 * (max_tokens + 64)
+    while True:
+        text = read_text(path, chars)
+        ids = tok.encode(text, add_special_tokens=True)
+        # the margin keeps the cut far from the prefix's end, where a token may differ from the whole text's
+        if len(ids) > max_tokens + 32:
+            return ids[:max_tokens + 1], None
+        if len(text) < chars:  # the whole data was read
+            return ids, len(text.encode("utf-8"))
+        chars *= 2
 
 
 @torch.no_grad()
@@ -75,7 +137,8 @@ def evaluate(model, ids: list[int], ctx: int, stride: int, reference=None, max_t
     if not 0 < stride <= ctx:
         raise UserError(f"--stride must be in 1..ctx ({ctx}), not {stride}")
     data = torch.tensor(ids, dtype=torch.long)
-    nll, kl, agree, n, prev_end = 0.0, 0.0, 0, 0, 0
+    nll, ref_nll, kl, agree, n, prev_end = 0.0, 0.0, 0.0, 0, 0, 0
+    bar = _progress(len(ids) - 1)
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + ctx, len(ids))
         new = end - max(prev_end, begin + 1)  # targets not yet scored (position 0 has no prediction)
@@ -86,16 +149,26 @@ def evaluate(model, ids: list[int], ctx: int, stride: int, reference=None, max_t
         nll += float(-logp.gather(1, targets[:, None]).sum())
         if reference is not None:
             ref_logp = F.log_softmax(reference(window[:, :-1]).float()[0, -new:], dim=-1)
+            ref_nll += float(-ref_logp.gather(1, targets[:, None]).sum())
             kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
             agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
         n += new
+        bar.update(new)
         prev_end = end
         if end == len(ids):
             break
+    bar.close()
     out = {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
     if reference is not None:
-        out.update(kl=kl / n, top1_agree=agree / n)
+        out.update(kl=kl / n, top1_agree=agree / n, ref_ppl=math.exp(ref_nll / n), ref_nll=ref_nll / n)
     return out
+
+
+def _progress(total: int):
+    """Scored tokens, on stderr: a large file takes minutes on a CPU."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="perplexity", unit="tok", file=sys.stderr, leave=False, mininterval=1.0)
 
 
 @torch.no_grad()
@@ -114,10 +187,13 @@ def evaluate_rolling(model, ids: list[int], ctx: int, batch_size: int = 16) -> d
     if n_full * ctx < len(ids) - 1:
         pieces.append((data[n_full * ctx:-1][None], data[n_full * ctx + 1:][None]))
     nll, n = 0.0, 0
+    bar = _progress(len(ids) - 1)
     for x, y in pieces:
         logits = model(x).float()
         nll += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
         n += y.numel()
+        bar.update(y.numel())
+    bar.close()
     return {"nll": nll, "tokens": n}
 
 
@@ -133,7 +209,7 @@ def document_stream(tok, docs: list[str]) -> tuple[list[int], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge perplexity", description="Strided-window perplexity (+ KL vs a "
+    ap = ArgumentParser(prog="phiforge perplexity", description="Strided-window perplexity (+ KL vs a "
                                  "reference model).")
     ap.add_argument("model", help="HF model folder or phiforge quantized folder (needs a tokenizer)")
     ap.add_argument("--data", required=True, help="text file or folder (.txt, .gz, .jsonl, .parquet)")
@@ -176,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--last-docs {args.last_docs}: {args.data} holds only {len(docs)} documents")
             docs = docs[-args.last_docs:]
         ids, nbytes = document_stream(tok, docs)
+    elif args.max_tokens:  # read and encode only what is scored: a large file would take minutes
+        ids, nbytes = encode_prefix(tok, args.data, args.max_tokens)
     else:
         text = read_text(args.data)
         # as `tokenizer(text)`: Phi-3's leads with <s>
@@ -200,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     if "bits_per_byte" in res:
         line += f", {res['bits_per_byte']:.4f} bits per byte"
     if reference is not None:
-        line += f"; KL(reference || model) {res['kl']:.5f} nats/token, top-1 agreement {res['top1_agree']:.3f}"
+        change = 100.0 * (res["ppl"] / res["ref_ppl"] - 1.0)
+        line += (f"; reference perplexity {res['ref_ppl']:.4f} (model {change:+.2f}%); KL(reference || model) "
+                 f"{res['kl']:.5f} nats/token, top-1 agreement {res['top1_agree']:.3f}")
     print(line)
     if args.json:
         atomic_write_json(args.json, res)

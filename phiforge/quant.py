@@ -21,7 +21,6 @@ Deviations from the GPTQ paper, on purpose:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json
 
 # The int4 group sizes `phiforge quantize` offers: the ones aten's int4 kernel takes and our kernel compiles in.
 # (Int4Linear itself accepts any multiple of 32, e.g. from a checkpoint made elsewhere.)
@@ -513,7 +512,7 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
     """Inverse of save_quantized: (model, tokenizer or None)."""
     from safetensors.torch import load_file
 
-    from phiforge.checkpoint import build_model, read_config, resolve_dtype
+    from phiforge.checkpoint import build_model, check_finite, read_config, resolve_dtype
     from phiforge.tokenizer import Tokenizer
 
     folder = Path(folder)
@@ -528,6 +527,7 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
         _set_module(model, name, new)
     state = load_file(str(folder / "model.safetensors"))
     state = {k: (v.to(dtype) if v.is_floating_point() and not _is_quant_buffer(k, qc) else v) for k, v in state.items()}
+    check_finite(state, str(folder))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
@@ -568,7 +568,7 @@ def calibration_ids(tokenizer, path: str, n_samples: int = 128, seq_len: int = 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge quantize", description="Weight-only int8/int4 quantization.")
+    ap = ArgumentParser(prog="phiforge quantize", description="Weight-only int8/int4 quantization.")
     ap.add_argument("model", help="HF model folder (or a preset name)")
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256")

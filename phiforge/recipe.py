@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from phiforge.utils import UserError, atomic_write_json, atomic_write_text, shared_dir
+from phiforge.utils import (ArgumentParser, UserError, atomic_write_json, atomic_write_text,
+                            shared_dir)
 
 # The embedded default: a ~5M-parameter model on ~6 MB of the standard library, about 10 minutes on 2 CPU cores.
 DEFAULTS: dict = {
@@ -762,7 +763,7 @@ STAGES = [("corpus", stage_corpus), ("decontam", stage_decontam), ("filter", sta
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge recipe", description=__doc__,
+    ap = ArgumentParser(prog="phiforge recipe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/default", help="run directory (a rerun continues it)")
     ap.add_argument("--recipe", help="YAML overriding the embedded defaults (see recipes/default.yaml)")

@@ -8,7 +8,6 @@ that reserve the Phi-3 special tokens and load in transformers as `PreTrainedTok
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import gzip
@@ -20,7 +19,7 @@ from typing import Iterable, Iterator
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from phiforge.utils import UserError, atomic_write_json, atomic_write_text
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text
 
 # Phi-3 chat tokens, in the order they are reserved (ids 0..) by train_bpe. Released checkpoints keep their own ids
 # (PHI3_SPEC 9): <|endoftext|> 32000, <|assistant|> 32001, <|system|> 32006, <|end|> 32007, <|user|> 32010.
@@ -260,10 +259,17 @@ def _read_json(path: Path):
 
 
 def _iter_lines(files: Iterable[str | Path]) -> Iterator[str]:
+    """Lines of text files; the `text` field of .jsonl/.parquet records (training on their JSON syntax would
+    spend the vocabulary on `{"text": "` and escapes)."""
+    from phiforge.train.tokenize import JSONL_EXT, PARQUET_EXT, read_documents
+
     for f in files:
         p = Path(f)
         if not p.exists():
             raise UserError(f"tokenizer training file {p} does not exist")
+        if p.name.endswith(JSONL_EXT + PARQUET_EXT):
+            yield from read_documents(p, "text", "line")
+            continue
         opener = gzip.open if p.suffix == ".gz" else open
         with opener(p, "rt", encoding="utf-8", errors="replace") as fh:
             yield from fh
@@ -293,8 +299,9 @@ def train_bpe(texts: Iterable[str] | None = None, vocab_size: int = 8192, files:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge tokenizer", description=train_bpe.__doc__)
-    ap.add_argument("--files", nargs="+", required=True, help="text files (.txt or .txt.gz), one document per line ok")
+    ap = ArgumentParser(prog="phiforge tokenizer", description=train_bpe.__doc__)
+    ap.add_argument("--files", nargs="+", required=True,
+                    help="text files (.txt, .txt.gz; one document per line ok) or .jsonl/.parquet (their `text` field)")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--out", required=True, help="folder to write tokenizer.json + tokenizer_config.json")
     args = ap.parse_args(argv)

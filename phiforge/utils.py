@@ -1,6 +1,7 @@
 """Small shared helpers: the user-facing error type, atomic writes, and where shared data lives."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -15,6 +16,52 @@ os.umask(_UMASK)
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad config, bad data). The CLI prints it as one line, exit code 2."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean X?)' for the closest choice, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _says_nothing(default) -> bool:
+    """Defaults not worth printing: "default: None", "default: False", "default: []"."""
+    return default is None or default is False or default is argparse.SUPPRESS or default == []
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written (they hold examples), and every option's default in --help."""
+
+    def _get_help_string(self, action):
+        if _says_nothing(action.default) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help, and one-line errors that suggest the nearest option for a typo
+    (`--max-new-token` -> did you mean --max-new-tokens?)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        if formatter_class in (argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+            formatter_class = HelpFormatter
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        # argparse prints no help line, so no default, for an option without help text: give it one
+        if kwargs.get("help") is None and not _says_nothing(kwargs.get("default")):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            options = [o for a in self._actions for o in a.option_strings]
+            typo = next((w for w in message.split(": ", 1)[1].split() if w.startswith("--")), None)
+            if typo:
+                message += did_you_mean(typo.split("=")[0], options)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

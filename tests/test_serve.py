@@ -216,7 +216,6 @@ def test_bad_requests_get_4xx_error_bodies_and_server_keeps_serving(server, serv
         (422, dict(json={"prompt": 5})),
         (422, dict(json={"prompt": "hi", "temperature": 9})),
         (422, dict(json={"max_tokens": 5})),  # no prompt
-        (400, dict(json={"prompt": "hi", "max_tokens": 10 ** 9})),  # huge max_tokens
         (400, dict(json={"prompt": "hi " * 2000})),  # too long for the context
         (400, dict(json={"prompt": [[5, 999999]]})),  # token id outside the vocabulary
         (413, dict(content=big)),  # 10 MB body

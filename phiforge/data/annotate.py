@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from phiforge.data.client import RequestFailed, add_client_args, client_from_args, gen_params
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
 SCORE_RE = re.compile(r"educational score:\s*\**\s*([0-5])", re.IGNORECASE)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from phiforge.data.io import add_io_args, run_units
 
-    ap = argparse.ArgumentParser(prog="phiforge data annotate", description=__doc__,
+    ap = ArgumentParser(prog="phiforge data annotate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(ap)
     add_client_args(ap)

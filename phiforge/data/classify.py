@@ -31,7 +31,7 @@ import numpy as np
 
 from phiforge.data.dedup import word_hashes
 from phiforge.data.filters import STOP_WORDS, FilterConfig, all_rule_results, filter_doc
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json
 
 N_BUCKETS = 1 << 18
 MAX_FEATURE_CHARS = 20_000  # n-grams of the first 20k characters: the rest adds cost, not signal
@@ -303,7 +303,7 @@ def load_model(folder: str | Path) -> Model:
 # ---------------------------------------------------------------- stages
 
 def train_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge data train-classifier", description=__doc__,
+    ap = ArgumentParser(prog="phiforge data train-classifier", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("labels", nargs="+", help="label files or folders (jsonl(.gz) / csv)")
     ap.add_argument("--out", required=True)
@@ -330,7 +330,7 @@ def train_main(argv: list[str] | None = None) -> int:
 def score_main(argv: list[str] | None = None) -> int:
     from phiforge.data.io import add_io_args, run_units
 
-    ap = argparse.ArgumentParser(prog="phiforge data score", description=__doc__,
+    ap = ArgumentParser(prog="phiforge data score", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(ap)
     ap.add_argument("--model", required=True, help="folder written by train-classifier")

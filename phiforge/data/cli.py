@@ -1,7 +1,7 @@
 """`phiforge data <stage> ...`: run one stage, or `phiforge data run RECIPE` to chain them.
 
     phiforge data filter ../shared/data/web --out runs/data/filter
-    phiforge data run recipes/data_web.yaml
+    phiforge data run my_data_recipe.yaml         # a recipe file as below
 
 A recipe (YAML or JSON) names an output root and a list of stages; each stage reads the previous stage's output
 unless it gives `inputs`, writes to <out>/<i>_<stage>, and gets `args` as --flags (lists expand, true = flag).
@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] not in STAGES:
-        raise UserError(f"unknown data stage {argv[0]!r}; use one of {', '.join(STAGES)}")
+        from phiforge.utils import did_you_mean
+
+        # `classify` was the README's name for the classifier stages
+        hint = " (did you mean train-classifier or score?)" if argv[0] == "classify" else did_you_mean(argv[0], STAGES)
+        raise UserError(f"unknown data stage {argv[0]!r}{hint}; use one of {', '.join(STAGES)}")
     return dispatch(argv)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from phiforge.data.dedup import word_hashes
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 EVAL_EXT = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".txt", ".txt.gz")
 MUL = np.uint64(0x9E3779B97F4A7C15)
@@ -116,7 +116,7 @@ def matches(text: str, index: np.ndarray, n: int, min_words: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     from phiforge.data.io import add_io_args, run_units
 
-    ap = argparse.ArgumentParser(prog="phiforge data decontam", description=__doc__,
+    ap = ArgumentParser(prog="phiforge data decontam", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(ap)
     ap.add_argument("--eval-sets", nargs="+", required=True, help="evaluation files or folders")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_bytes, atomic_write_json
 
 
 @dataclass
@@ -252,7 +252,7 @@ def _save_npz(path: Path, **arrays) -> None:
 def main(argv: list[str] | None = None) -> int:
     from phiforge.data.io import add_io_args, run_units
 
-    ap = argparse.ArgumentParser(prog="phiforge data dedup", description=__doc__,
+    ap = ArgumentParser(prog="phiforge data dedup", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(ap)
     ap.add_argument("--phase", default="all", choices=["all", "signatures", "cluster", "write"])

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from phiforge.data.dedup import word_spans
+from phiforge.utils import ArgumentParser
 
 STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
 BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "※", "·", "-", "*", "‣", "⁃")
@@ -262,7 +263,7 @@ def process(docs: list[dict], stats, cfg: FilterConfig) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     from phiforge.data.io import add_io_args, run_units
 
-    ap = argparse.ArgumentParser(prog="phiforge data filter", description=__doc__,
+    ap = ArgumentParser(prog="phiforge data filter", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(ap)
     ap.add_argument("--no-c4", action="store_true", help="skip the C4 line rules")

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from phiforge.utils import UserError, atomic_write_json, atomic_write_text
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text
 
 
 def collect(folders: list[str]) -> list[tuple[str, dict]]:
@@ -47,7 +47,7 @@ def plot_hist(name: str, h: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge data report", description=__doc__,
+    ap = ArgumentParser(prog="phiforge data report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--out", default=None)

@@ -30,7 +30,7 @@ from phiforge.data.client import RequestFailed, add_client_args, client_from_arg
 from phiforge.data.dedup import exact_hash, word_hashes
 from phiforge.data.filters import FilterConfig, gopher_repetition
 from phiforge.data.io import Stats, done_path, finalize, shard_path, write_jsonl_gz
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
 DEFAULTS = {"tinystories": ("tinystories_words.json", "tinystories_prompt.txt"),
@@ -84,7 +84,7 @@ def reject_reason(text: str, min_words: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge data synth", description=__doc__,
+    ap = ArgumentParser(prog="phiforge data synth", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", required=True, choices=sorted(DEFAULTS))
     ap.add_argument("--n", type=int, required=True, help="number of prompts")

@@ -3,7 +3,7 @@
     phiforge eval runs/sft/final --tasks mmlu,hellaswag,arc_easy,arc_challenge,piqa --data-dir ../shared/data
     phiforge eval runs/sft/final --tasks gsm8k,humaneval,mbpp --limit 50 --out results/gen.json
     phiforge eval http://localhost:8000/v1 --model-name phi3 --tasks mt_bench --judge-url https://api.openai.com/v1
-    phiforge eval runs/sft/final --tasks perplexity --text-files notes.txt --tasks passkey --context-lengths 1024,4096
+    phiforge eval runs/sft/final --tasks perplexity,passkey --text-files notes.txt --context-lengths 1024,4096
 
 MODEL is a local folder (phiforge.load) or an OpenAI-compatible base URL. Writes OUT (JSON: metrics with standard
 errors, config), OUT with .samples.jsonl (one line per example) and .md (a table). See docs/eval.md.
@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from phiforge.eval.metrics import aggregate, mc_scores
-from phiforge.utils import UserError, atomic_write_json, atomic_write_text, shared_dir
+from phiforge.utils import (ArgumentParser, UserError, atomic_write_json, atomic_write_text,
+                            shared_dir)
 
 
 def available_tasks() -> list[str]:
@@ -133,10 +134,11 @@ def markdown_table(results: dict, metrics_of: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge eval", description=__doc__.split("\n")[0],
+    ap = ArgumentParser(prog="phiforge eval", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("model", help="local model folder or OpenAI-compatible base URL (http://host:port/v1)")
-    ap.add_argument("--tasks", required=True, help=f"comma-separated; any of: {', '.join(available_tasks())}")
+    ap.add_argument("--tasks", required=True, action="append",
+                    help=f"comma-separated, repeatable; any of: {', '.join(available_tasks())}")
     ap.add_argument("--data-dir", default=None, help="benchmark data laid out like ../shared/data (the default)")
     ap.add_argument("--from-hub", action="store_true",
                     help="fetch missing data files from the HF hub into --data-dir (needs `datasets` and a network)")
@@ -160,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-lengths", default="1024,2048,4096", help="passkey task: context lengths in tokens")
     args = ap.parse_args(argv)
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for t in tasks:
-        get_task(t)
+    # --tasks a,b --tasks c: every one runs (a repeated flag used to keep only the last)
+    tasks = list(dict.fromkeys(t.strip() for arg in args.tasks for t in arg.split(",") if t.strip()))
+    args.tasks = ",".join(tasks)
+    needs_data = [t for t in tasks if getattr(get_task(t), "NEEDS_DATA", True)]
+    if args.data_dir is None and not needs_data:
+        args.data_dir = "."  # perplexity on --text-files, passkey: nothing is read from it
     if args.data_dir is None:
         if shared_dir() is None:
             raise UserError("no --data-dir given and ../shared/data not found")

@@ -7,10 +7,9 @@ MODEL is an HF-style folder with a tokenizer (a phiforge-quantized folder works 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 FORMATS = ("gguf",)
 
@@ -22,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in FORMATS and not argv[0].startswith("-"):
         raise UserError(f"unsupported export format {argv[0]!r}; supported: {', '.join(FORMATS)} "
                         "(usage: phiforge export gguf MODEL --type q4_k_m --out FILE)")
-    ap = argparse.ArgumentParser(prog="phiforge export", description="Export a model for llama.cpp / Ollama.")
+    ap = ArgumentParser(prog="phiforge export", description="Export a model for llama.cpp / Ollama.")
     ap.add_argument("format", choices=FORMATS)
     ap.add_argument("model", help="HF model folder with tokenizer, or a phiforge quantized folder")
     ap.add_argument("--type", default="f16", help=f"one of {', '.join(TYPES)}")

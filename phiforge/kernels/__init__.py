@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def _build() -> bool:
     key = hashlib.sha256(src + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
     root = cache_dir() / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / "phiforge_kernels.so").exists():  # a first build takes ~20 s: say so rather than hang silently
+        print(f"phiforge: building the C++ kernels once (about 20 s; cached in {root})", file=sys.stderr, flush=True)
     # is_python_module=False: the .so only registers torch.ops.phiforge.*, so no pybind11 headers (faster build).
     cpp_extension.load(name="phiforge_kernels", sources=[str(p) for p in _SRCS], build_directory=str(root),
                        is_python_module=False, extra_cflags=cflags, verbose=False)

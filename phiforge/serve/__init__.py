@@ -15,7 +15,6 @@ See docs/serve.md.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 __all__ = ["main", "start_background", "create_app", "Server"]
 
@@ -64,8 +63,9 @@ def _uvicorn(server, sock_timeout: float, log_level: str):
                 self.force_exit = True
             self.should_exit = True
 
+    # our own request log (Server.record: method, path, status, tokens, ms) replaces uvicorn's access log
     config = uvicorn.Config(create_app(server), http="h11", lifespan="on", log_level=log_level,
-                            timeout_graceful_shutdown=sock_timeout, access_log=log_level in ("debug", "info"))
+                            timeout_graceful_shutdown=sock_timeout, access_log=False)
     return Uvicorn(config)
 
 
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from phiforge import load
     from phiforge.generate import add_model_args
 
-    ap = argparse.ArgumentParser(prog="phiforge serve", description="OpenAI-compatible server: /v1/models, "
-                                 "/v1/chat/completions, /v1/completions, /health.")
+    ap = ArgumentParser(prog="phiforge serve", description="OpenAI-compatible server: /v1/models, "
+                                 "/v1/chat/completions, /v1/completions, /health, /metrics (Prometheus).")
     add_model_args(ap)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--host", default="127.0.0.1")
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGINT/SIGTERM, seconds running requests get to finish")
     ap.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--no-request-log", action="store_true",
+                    help="do not print one line per request (method, path, status, tokens, ms) to stderr")
     args = ap.parse_args(argv)
     if args.max_batch < 1 or args.max_queue < 0 or (args.ctx_size is not None and args.ctx_size < 2):
         raise UserError("need --max-batch >= 1, --max-queue >= 0 and --ctx-size >= 2")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
         server = _make_server(model, tokenizer, args.model_name or args.model, max_batch=args.max_batch,
                               context=args.ctx_size, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                              api_key=args.api_key, compile=args.compile)
+                              api_key=args.api_key, compile=args.compile, access_log=not args.no_request_log)
     except BaseException:
         sock.close()
         raise

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Literal, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,6 +25,7 @@ from phiforge.serve.scheduler import Chunk, Closing, Job, QueueFull, Scheduler
 from phiforge.utils import UserError
 
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped) so the client sees the 413
+KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class Server:
 
     def __init__(self, model, tokenizer, model_id: str, max_batch: int = 8, context: int | None = None,
                  max_queue: int = 64, max_body_bytes: int = 4 << 20, api_key: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, access_log: bool = False):
         limit = model.config.max_position_embeddings
         self.context = min(int(context or min(limit, 4096)), limit)
         if max_batch < 1 or max_queue < 0 or self.context < 2:
@@ -128,6 +130,45 @@ class Server:
         self.vocab_size = model.config.vocab_size
         self.sched = Scheduler(model, tokenizer, max_batch=max_batch, max_len=self.context, max_queue=max_queue,
                                compile=compile)
+        self.access_log = access_log
+        self.counts: dict[tuple, int] = {}  # (method, path, status) -> requests, for /metrics
+        self.seconds: dict[str, list] = {}  # path -> [sum of seconds, count]
+
+    # -- the request log and /metrics ------------------------------------------------------------------------------
+    def record(self, method: str, path: str, status: int, tokens: int | None, seconds: float) -> None:
+        """One finished request: counted for /metrics and, with access_log, one line on stderr."""
+        path = path if path in KNOWN_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        key = (method, path, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        acc = self.seconds.setdefault(path, [0.0, 0])
+        acc[0] += seconds
+        acc[1] += 1
+        if self.access_log:
+            print(f"phiforge serve: {method} {path} {status} tokens={tokens if tokens is not None else '-'} "
+                  f"{seconds * 1000:.0f}ms", file=sys.stderr, flush=True)
+
+    def metrics(self) -> str:
+        """Prometheus text exposition format (version 0.0.4)."""
+        h = self.sched.health()
+        out = ["# HELP phiforge_requests_total HTTP requests by method, path and status.",
+               "# TYPE phiforge_requests_total counter"]
+        out += [f'phiforge_requests_total{{method="{m}",path="{p}",status="{st}"}} {n}'
+                for (m, p, st), n in sorted(self.counts.items())]
+        out += ["# HELP phiforge_request_duration_seconds Time from request to the end of the response.",
+                "# TYPE phiforge_request_duration_seconds summary"]
+        for p, (total, n) in sorted(self.seconds.items()):
+            out += [f'phiforge_request_duration_seconds_sum{{path="{p}"}} {total:.6f}',
+                    f'phiforge_request_duration_seconds_count{{path="{p}"}} {n}']
+        for name, key, kind, help_ in (
+                ("generated_tokens_total", "tokens", "counter", "Tokens generated."),
+                ("generations_total", "requests", "counter", "Sequences generated (one per prompt)."),
+                ("generations_cancelled_total", "cancelled", "counter", "Sequences cancelled (client gone)."),
+                ("generation_errors_total", "errors", "counter", "Sequences ended by an error."),
+                ("running", "running", "gauge", "Sequences being decoded now."),
+                ("waiting", "waiting", "gauge", "Sequences waiting for a free row."),
+                ("max_batch", "max_batch", "gauge", "Rows decoded together (--max-batch).")):
+            out += [f"# HELP phiforge_{name} {help_}", f"# TYPE phiforge_{name} {kind}", f"phiforge_{name} {h[key]}"]
+        return "\n".join(out) + "\n"
 
     # -- request checks ------------------------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -156,14 +197,18 @@ class Server:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+        except RecursionError:  # json.loads recurses per nesting level: `{"a":` x 5000 is a bad request, not a 500
+            raise ApiError(400, "request body is nested too deeply", "invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_json")
         try:
             req = schema.model_validate(data)
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply", "invalid_json") from None
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
-            raise ApiError(422, f"{loc}: {err['msg']} (got {str(err.get('input'))[:80]!r})"
+            raise ApiError(422, f"{loc}: {err['msg']} (got {_short(err.get('input'))!r})"
                            + (f" and {e.error_count() - 1} more error(s)" if e.error_count() > 1 else ""),
                            "invalid_value", loc) from None
         if req.model is not None and req.model != self.model_id:
@@ -171,9 +216,11 @@ class Server:
                            "model_not_found", "model")
         return req
 
-    def config(self, req: Sampling, prompt_len: int, max_tokens: int | None,
-               default: int | None) -> GenerationConfig | None:
-        """GenerationConfig for one prompt; None for max_tokens 0. Checks the context limit."""
+    def config(self, req: Sampling, prompt_len: int, max_tokens: int | None, default: int | None,
+               notices: list[str] | None = None) -> GenerationConfig | None:
+        """GenerationConfig for one prompt; None for max_tokens 0. A max_tokens beyond the context is capped at it
+        (as llama.cpp's server and `phiforge generate` do; the finish_reason is then "length") and a notice is
+        appended to `notices`; a prompt that leaves no room is an error."""
         room = self.context - prompt_len
         if prompt_len == 0:
             raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
@@ -183,9 +230,10 @@ class Server:
         if max_tokens is None:
             max_tokens = room if default is None else min(default, room)
         if max_tokens > room:
-            raise ApiError(400, f"max_tokens is {max_tokens} but the prompt uses {prompt_len} of the context of "
-                                f"{self.context} tokens: at most {room} tokens can be generated",
-                           "context_length_exceeded", "max_tokens")
+            if notices is not None:
+                notices.append(f"max_tokens {max_tokens} capped at {room}: the prompt uses {prompt_len} of the "
+                               f"context of {self.context} tokens")
+            max_tokens = room
         if max_tokens == 0:
             return None
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -271,11 +319,49 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _short(value, n: int = 80) -> str:
+    try:
+        return str(value)[:n]
+    except RecursionError:  # a deeply nested value that still parsed
+        return "(a deeply nested value)"
+
+
+def _notice_headers(notices: list[str]) -> dict:
+    """A capped request still succeeds; the header (and the server's log) says what was changed."""
+    return {"X-Phiforge-Notice": "; ".join(notices)} if notices else {}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class RequestLog:
+    """ASGI middleware: times every request and hands (method, path, status, completion tokens, seconds) to
+    Server.record once the response has been sent. Pure ASGI, not BaseHTTPMiddleware, so streaming and the
+    disconnect detection of the routes are untouched."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+        state = scope.setdefault("state", {})  # request.state: the routes put "tokens" there
+
+        async def send_and_watch(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self.server.record(scope["method"], scope["path"], status[0], state.get("tokens"),
+                               time.perf_counter() - t0)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -300,6 +386,12 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").response()
+
+    app.add_middleware(RequestLog, server=server)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health():
@@ -336,7 +428,9 @@ def create_app(server: Server) -> FastAPI:
         except UserError as e:
             raise ApiError(400, str(e), "invalid_messages", "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        cfg = server.config(req, len(ids), max_tokens, None)
+        notices: list[str] = []
+        cfg = server.config(req, len(ids), max_tokens, None, notices)
+        headers = _notice_headers(notices)
         k = (req.top_logprobs or 0) if req.logprobs else None
         job = Job(ids, cfg, asyncio.Queue(), asyncio.get_running_loop(), logprobs=k)
         server.submit([job])
@@ -366,6 +460,7 @@ def create_app(server: Server) -> FastAPI:
                         if c.token_id is not None:
                             n += 1
                             held.append(c)
+                            request.state.tokens = n  # for the request log
                         if not c.text and c.finish_reason is None:
                             continue
                         lps = {"content": lp_entries(held)} if k is not None else None
@@ -386,7 +481,7 @@ def create_app(server: Server) -> FastAPI:
                     yield _sse(e.body())
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
         text, finish, got = [], None, []
         async for c in server.chunks([job], request):
@@ -394,12 +489,13 @@ def create_app(server: Server) -> FastAPI:
             finish = c.finish_reason or finish
             if c.token_id is not None:
                 got.append(c)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                             "logprobs": {"content": lp_entries(got)} if k is not None else None,
-                             "finish_reason": finish or "length"}],
-                "usage": _usage(len(ids), len(got))}
+        request.state.tokens = len(got)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
+                             "system_fingerprint": None,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                                          "logprobs": {"content": lp_entries(got)} if k is not None else None,
+                                          "finish_reason": finish or "length"}],
+                             "usage": _usage(len(ids), len(got))}, headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -419,10 +515,12 @@ def create_app(server: Server) -> FastAPI:
         # echo: those added tokens are not in the echoed text, so they take no room in text_offset
         added = [_added_positions(server.tok, ids) if isinstance(x, str) else set() for x, ids in zip(p, prompts)]
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = [Job(ids, server.config(req, len(ids), req.max_tokens, 16), queue, loop, index=i,
+        notices: list[str] = []
+        jobs = [Job(ids, server.config(req, len(ids), req.max_tokens, 16, notices), queue, loop, index=i,
                     logprobs=req.logprobs, echo=req.echo and req.logprobs is not None)
                 for i, ids in enumerate(prompts)]
         server.submit(jobs)
+        headers = _notice_headers(notices)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
                 "system_fingerprint": None}
@@ -466,6 +564,7 @@ def create_app(server: Server) -> FastAPI:
                     async for c in server.chunks(jobs):
                         if c.token_id is not None:
                             counts[c.index] += 1
+                            request.state.tokens = sum(counts)  # for the request log
                         if lps[c.index] is not None:
                             lps[c.index] = Logprobs(lps[c.index].offset)  # each chunk carries its own tokens
                         lp = chunk_logprobs(c, lps[c.index])
@@ -481,7 +580,7 @@ def create_app(server: Server) -> FastAPI:
                     yield _sse(e.body())
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
         text = [[t] if req.echo else [] for t in texts]
         finish: list[str | None] = [None] * len(jobs)
@@ -494,9 +593,10 @@ def create_app(server: Server) -> FastAPI:
             chunk_logprobs(c, lps[c.index])
             if c.token_id is not None:
                 counts[c.index] += 1
-        return {**head, "choices": [{"text": "".join(text[i]), "index": i,
-                                     "logprobs": lps[i].d if lps[i] is not None else None,
-                                     "finish_reason": finish[i] or "length"} for i in range(len(jobs))],
-                "usage": _usage(sum(map(len, prompts)), sum(counts))}
+        request.state.tokens = sum(counts)
+        return JSONResponse({**head, "choices": [{"text": "".join(text[i]), "index": i,
+                                                  "logprobs": lps[i].d if lps[i] is not None else None,
+                                                  "finish_reason": finish[i] or "length"} for i in range(len(jobs))],
+                             "usage": _usage(sum(map(len, prompts)), sum(counts))}, headers=headers)
 
     return app

@@ -39,7 +39,7 @@ from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_l
 from phiforge.train.sft import (add_adapters, export, load_model_and_tokenizer, make_logger, pick_device, read_data,
                                 reset_metrics)
 from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
-from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_bytes, atomic_write_json
 
 LOSSES = ("dpo", "ipo", "cdpo")
 
@@ -128,7 +128,7 @@ def fingerprint(pairs, model_path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="phiforge dpo", description=__doc__,
+    ap = ArgumentParser(prog="phiforge dpo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Any DPOConfig field can be set with --key value or --key=value.")
     ap.add_argument("--config", help="YAML settings (between the defaults and the flags)")

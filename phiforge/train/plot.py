@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from phiforge.utils import UserError
+from phiforge.utils import ArgumentParser, UserError
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -55,7 +55,7 @@ def plot_heldout(ax, all_records: dict, hlines: list[tuple[str, float]]) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge plot", description=__doc__,
+    ap = ArgumentParser(prog="phiforge plot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     ap.add_argument("--out", help="PNG path (default: RUN/loss.png of the first run)")

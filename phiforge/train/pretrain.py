@@ -24,7 +24,10 @@ import dataclasses
 import functools
 import json
 import math
+import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +41,7 @@ from phiforge.train.config import format_config, resolve_config, save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.shards import open_shard, read_meta, shard_paths
 from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
-from phiforge.utils import UserError, atomic_write_text
+from phiforge.utils import ArgumentParser, UserError, atomic_write_text
 
 
 @dataclass
@@ -241,9 +244,49 @@ def check_heldout(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _without_resume(argv: list[str], value: str | None) -> list[str]:
+    """argv minus any --resume [DIR]: the printed command resumes from the latest checkpoint, the one just saved."""
+    out, skip = [], False
+    for a in argv:
+        if skip and a == value:
+            skip = False
+            continue
+        skip = a == "--resume"
+        if a != "--resume" and not a.startswith("--resume="):
+            out.append(a)
+    return out
+
+
+class _GracefulInterrupt:
+    """The first SIGINT only sets a flag: the loop ends the step it is in (a step cut in half cannot be saved
+    exactly), checkpoints and exits. A second SIGINT interrupts at once, as usual."""
+
+    def __init__(self):
+        self.hit = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.hit:
+            self.restore()
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\npretrain: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self) -> bool:
+        return float(all_reduce_mean(torch.tensor(float(self.hit)))) > 0
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="phiforge pretrain", description=__doc__,
+    ap = ArgumentParser(prog="phiforge pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Any PretrainConfig field can be set with --key value or --key=value.")
     ap.add_argument("--config", help="recipe YAML (settings between the defaults and the flags)")
@@ -447,63 +490,78 @@ def main(argv: list[str] | None = None) -> int:
     t_start = t_last = time.time()
     tokens_last = tokens_seen
     stop, seconds = False, seconds_before
-    while not stop and (step < cfg.max_steps or cfg.clock == "time"):
-        sched = schedule_step(step, seconds)
-        phase = phases[phase_at(phases, sched, tokens_seen)]
-        lr = lr_at(sched, cfg.schedule, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.decay_steps)
-        set_lr(optimizer, lr)
-        batch = next_batch(step, phase)
-        loss_sum = torch.zeros(())
-        for m in range(cfg.grad_accum):
-            last = m == cfg.grad_accum - 1
-            if cfg.parallel == "fsdp2":
-                wrapped.set_requires_gradient_sync(last)
-            micro = batch[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-            if cfg.parallel == "ddp" and not last:
-                with wrapped.no_sync():
+    interrupt = _GracefulInterrupt()  # Ctrl-C: finish this step, save a checkpoint, say how to resume
+    try:
+        while not stop and (step < cfg.max_steps or cfg.clock == "time"):
+            sched = schedule_step(step, seconds)
+            phase = phases[phase_at(phases, sched, tokens_seen)]
+            lr = lr_at(sched, cfg.schedule, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.decay_steps)
+            set_lr(optimizer, lr)
+            batch = next_batch(step, phase)
+            loss_sum = torch.zeros(())
+            for m in range(cfg.grad_accum):
+                last = m == cfg.grad_accum - 1
+                if cfg.parallel == "fsdp2":
+                    wrapped.set_requires_gradient_sync(last)
+                micro = batch[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+                if cfg.parallel == "ddp" and not last:
+                    with wrapped.no_sync():
+                        loss = forward_loss(micro)
+                        (loss / cfg.grad_accum).backward()
+                else:
                     loss = forward_loss(micro)
                     (loss / cfg.grad_accum).backward()
-            else:
-                loss = forward_loss(micro)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().cpu()
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        loss_value = float(all_reduce_mean(loss_sum / cfg.grad_accum))
-        if not math.isfinite(loss_value):
-            raise UserError(f"loss is {loss_value} at step {step}; lower lr or use dtype fp32")
+                loss_sum += loss.detach().cpu()
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            loss_value = float(all_reduce_mean(loss_sum / cfg.grad_accum))
+            if not math.isfinite(loss_value):
+                raise UserError(f"loss is {loss_value} at step {step}; lower lr or use dtype fp32")
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            now = time.time()
-            tok_s = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-            t_last, tokens_last = now, tokens_seen
-            record = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens_seen, "phase": phase["name"],
-                      "tok_per_s": round(tok_s, 1), "mfu": round(flops_per_token * tok_s / peak, 5),
-                      "grad_norm": grad_norm, "elapsed_s": round(seconds_before + now - t_start, 2)}
-            if cfg.clock == "time":
-                record["schedule_step"] = sched
-            log(record)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
-                            mfu=f"{100 * record['mfu']:.1f}%", phase=phase["name"])
-        if cfg.max_minutes is not None:
-            seconds = elapsed()  # agreed across ranks: every rank stops at the same step
-            stop = seconds >= 60 * cfg.max_minutes
-            if clock_t0 is None:
-                clock_t0 = seconds
-        bar.update(schedule_step(step, seconds) - bar.n if cfg.clock == "time" else 1)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps or stop:
-            val = evaluate()
-            if val:
-                log({"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed(), 2), **val})
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()), file=sys.stderr)
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
-            checkpoint(step, schedule_step(step, seconds), seconds if cfg.max_minutes else elapsed())
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.time()
+                tok_s = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, tokens_seen
+                record = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens_seen, "phase": phase["name"],
+                          "tok_per_s": round(tok_s, 1), "mfu": round(flops_per_token * tok_s / peak, 5),
+                          "grad_norm": grad_norm, "elapsed_s": round(seconds_before + now - t_start, 2)}
+                if cfg.clock == "time":
+                    record["schedule_step"] = sched
+                log(record)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                                mfu=f"{100 * record['mfu']:.1f}%", phase=phase["name"])
+            if cfg.max_minutes is not None:
+                seconds = elapsed()  # agreed across ranks: every rank stops at the same step
+                stop = seconds >= 60 * cfg.max_minutes
+                if clock_t0 is None:
+                    clock_t0 = seconds
+            bar.update(schedule_step(step, seconds) - bar.n if cfg.clock == "time" else 1)
+            if interrupt.agreed():  # every rank saw the same answer: all stop at this step
+                checkpoint(step, schedule_step(step, seconds), seconds if cfg.max_minutes else elapsed())
+                bar.close()
+                interrupt.restore()
+                if master:
+                    resume = _without_resume(argv, args.resume)
+                    print(f"\npretrain: interrupted; saved a checkpoint at step {step} in {out / 'ckpt'}. "
+                          "Continue with:\n"
+                          f"  phiforge pretrain {shlex.join(resume)} --resume", file=sys.stderr)
+                cleanup_distributed()
+                return 130
+            if step % cfg.eval_every == 0 or step == cfg.max_steps or stop:
+                val = evaluate()
+                if val:
+                    log({"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed(), 2), **val})
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()), file=sys.stderr)
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
+                checkpoint(step, schedule_step(step, seconds), seconds if cfg.max_minutes else elapsed())
+    finally:
+        interrupt.restore()
     bar.close()
 
     # -- export: an HF folder every downstream tool (and transformers) loads

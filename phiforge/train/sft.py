@@ -1,8 +1,8 @@
 """Supervised fine-tuning on chat data with the loss on assistant tokens only.
 
     phiforge sft --model runs/pretrain/final --data ../shared/data/sft/alpaca_en_demo.json --out runs/sft
-    phiforge sft --config recipes/sft.yaml --max_steps 50 --out runs/sft2             # flags override YAML
-    phiforge sft --config recipes/sft.yaml --out runs/sft2 --resume                   # continue exactly
+    phiforge sft --config runs/sft/config.yaml --max_steps 50 --out runs/sft2         # flags override YAML
+    phiforge sft --config runs/sft/config.yaml --out runs/sft2 --resume               # continue exactly
     phiforge sft --model runs/pretrain/final --data chats.jsonl --lora true --lora_r 16 --out runs/sft-lora
 
 Data: `messages` jsonl, Alpaca (instruction/input/output[/history]) or ShareGPT (conversations) records, .json or
@@ -32,7 +32,7 @@ from phiforge.train.chat_data import SkipReport, batches, build_sft, read_record
 from phiforge.train.config import format_config, parse_overrides, resolve_config, save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
-from phiforge.utils import UserError, atomic_write_json, atomic_write_text
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -196,7 +196,7 @@ def end_rate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int = 128)
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="phiforge sft", description=__doc__,
+    ap = ArgumentParser(prog="phiforge sft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Any SFTConfig field can be set with --key value or --key=value.")
     ap.add_argument("--config", help="YAML settings (between the defaults and the flags)")

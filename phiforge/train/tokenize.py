@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from phiforge.train.shards import read_header, shard_paths, write_shard
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json
 
 TEXT_EXT = (".txt", ".txt.gz", ".text", ".md")
 JSONL_EXT = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
@@ -152,7 +152,7 @@ def _chunk_done(out: Path, k: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phiforge tokenize", description=__doc__,
+    ap = ArgumentParser(prog="phiforge tokenize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="text (.txt/.txt.gz), jsonl (.jsonl/.jsonl.gz) or .parquet files or "
                     "directories")

@@ -8,6 +8,7 @@ from phiforge.utils import UserError
 
 OUTPUT, DEFAULT_FEWSHOT = "generate", 0
 OPTIONS = ("lm", "context_lengths")
+NEEDS_DATA = False
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.")

@@ -11,6 +11,7 @@ from phiforge.utils import UserError
 
 OUTPUT, METRICS, DEFAULT_FEWSHOT = "custom", ["word_perplexity", "byte_perplexity", "bits_per_byte"], 0
 OPTIONS = ("text_files",)
+NEEDS_DATA = False  # with --text-files; without them load() says what is missing
 
 
 def read_texts(files: list[str]) -> list[dict]:
