@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import UserError, atomic_write_json, check_writable
 
 # The int4 group sizes `phiforge quantize` offers: the ones aten's int4 kernel takes and our kernel compiles in.
 # (Int4Linear itself accepts any multiple of 32, e.g. from a checkpoint made elsewhere.)
@@ -582,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.group_size not in GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {args.group_size}")
+    check_writable(args.out, "dir")
     from phiforge import load
 
     model, tok = load(args.model, dtype="float32")

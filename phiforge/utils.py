@@ -68,3 +68,23 @@ def llama_cpp_bin(*tools: str, explicit: str | None = None) -> Path | None:
         if d and all((Path(d) / t).exists() for t in tools):
             return Path(d)
     return None
+
+
+def check_writable(path: str | os.PathLike, kind: str = "file", flag: str = "--out") -> Path:
+    """Fail now, with one line, when `path` cannot be written as a file (kind="file") or a folder (kind="dir"),
+    so that a long run (an eval, GPTQ, a data stage) does not lose its results to a bad path found at the end.
+    Creates nothing: the stage makes its folders when it writes."""
+    p = Path(path)
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is an existing file; it must name a folder")
+    if kind == "file" and p.is_dir():
+        raise UserError(f"{flag} {p} is a folder; it must name a file")
+    # The nearest existing ancestor is where the first new file or folder will be made; it must be a writable folder.
+    anc = p if kind == "dir" else p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{flag} {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p}: folder {anc} is not writable")
+    return p

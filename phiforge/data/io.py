@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
+from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json, check_writable
 
 TEXT_EXT = (".txt", ".txt.gz", ".text", ".md")
 JSONL_EXT = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
@@ -227,7 +227,7 @@ def run_units(stage: str, inputs: list[str], out: str | Path, process: Callable[
     if shard_size < 1:
         raise UserError("--shard-size must be >= 1")
     files = input_files(inputs)
-    out = Path(out)
+    out = check_writable(out, "dir")
     (out / ".done").mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 

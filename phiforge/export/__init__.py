@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from phiforge.utils import UserError
+from phiforge.utils import UserError, check_writable
 
 FORMATS = ("gguf",)
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.type not in TYPES:
         raise UserError(f"unsupported GGUF type {args.type!r}; choose one of {', '.join(TYPES)}")
+    check_writable(args.out)
     from pathlib import Path
 
     from phiforge.quant import load_any

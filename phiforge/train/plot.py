@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from phiforge.utils import UserError
+from phiforge.utils import UserError, check_writable
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     ap.add_argument("--out", help="PNG path (default: RUN/loss.png of the first run)")
     args = ap.parse_args(argv)
+    out = check_writable(args.out if args.out else Path(args.runs[0]) / "loss.png")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title("phiforge pretrain" + (" (dashed: phase switch)" if len(args.runs) == 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(args.out) if args.out else Path(args.runs[0]) / "loss.png"
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(out)

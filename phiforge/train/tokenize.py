@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from phiforge.train.shards import read_header, shard_paths, write_shard
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import UserError, atomic_write_json, check_writable
 
 TEXT_EXT = (".txt", ".txt.gz", ".text", ".md")
 JSONL_EXT = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--docs-per-shard and --workers must be >= 1")
     if args.holdout_last is not None and args.holdout_last < 1:
         raise UserError(f"--holdout-last must be >= 1, got {args.holdout_last}")
+    check_writable(args.out, "dir")
     files = input_files(args.inputs)
     first_held = None  # global index of the first held-out document (--holdout-last)
     if args.holdout_last is not None:

@@ -1,0 +1,106 @@
+"""Issue 34, the newcomer's path: unwritable outputs refused before any work, empty data inputs, defaults derived
+from the model, recipe keys checked up front, `inspect` of a quantized folder."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from phiforge import load
+from phiforge.checkpoint import save_hf_folder
+from phiforge.utils import UserError
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "phiforge.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("phiforge: error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture()
+def model_dir(tmp_path, trained_tokenizer):
+    model, _ = load("tiny", seed=0)
+    return save_hf_folder(model, tmp_path / "m", trained_tokenizer)
+
+
+# ---------------------------------------------------------------- item 2: unwritable outputs, checked first
+
+
+def _bad_out_commands(tmp_path, model_dir):
+    """(name, argv of `phiforge.cli.main`, --out) for every command that writes an --out, with --out under a file."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is needed\n")
+    docs = tmp_path / "in.jsonl"
+    docs.write_text(json.dumps({"text": "one two three four five six seven eight nine ten"}) + "\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world\n" * 50)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    bad = str(blocker / "x")
+    return [
+        ("eval", ["eval", str(model_dir), "--tasks", "arc_easy", "--data-dir", str(tmp_path), "--out", bad]),
+        ("quantize", ["quantize", str(model_dir), "--bits", "8", "--out", bad]),
+        ("export", ["export", "gguf", str(model_dir), "--type", "f32", "--out", bad]),
+        ("tokenizer", ["tokenizer", "--files", str(corpus), "--vocab-size", "300", "--out", bad]),
+        ("tokenize", ["tokenize", str(corpus), "--tokenizer", str(model_dir), "--out", bad]),
+        ("data filter", ["data", "filter", str(docs), "--out", bad]),
+        ("data dedup", ["data", "dedup", str(docs), "--out", bad]),
+        ("data report", ["data", "report", str(run), "--out", bad]),
+        ("plot", ["plot", str(run), "--out", bad + ".png"]),
+    ]
+
+
+def test_output_under_a_file_is_refused_before_any_work(tmp_path, model_dir, monkeypatch):
+    """Before the fix each command failed (or, for eval, finished its whole run and then failed) with
+    NotADirectoryError / FileExistsError and a traceback."""
+    from phiforge import cli
+
+    loaded = []
+    import phiforge
+    monkeypatch.setattr(phiforge, "load", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(AssertionError))
+    for name, argv in _bad_out_commands(tmp_path, model_dir):
+        module = __import__(cli.COMMANDS[argv[0]][0], fromlist=["main"])
+        with pytest.raises(UserError, match=r"blocker is a file, not a folder"):
+            module.main(argv[1:])
+        assert not loaded, f"{name} loaded the model before checking --out"
+
+
+def test_output_errors_are_one_line(tmp_path, model_dir):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    one_line_error(run_cli("eval", str(model_dir), "--tasks", "arc_easy", "--data-dir", str(tmp_path),
+                           "--out", str(blocker / "r.json")), "--out", "is a file, not a folder")
+    # an existing file where a folder is needed, and a folder where a file is needed
+    one_line_error(run_cli("quantize", str(model_dir), "--bits", "8", "--out", str(blocker)),
+                   "is an existing file; it must name a folder")
+    one_line_error(run_cli("export", "gguf", str(model_dir), "--out", str(tmp_path)), "is a folder; it must name a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so the check cannot fail")
+def test_read_only_folder_is_refused(tmp_path, model_dir):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        one_line_error(run_cli("quantize", str(model_dir), "--bits", "8", "--out", str(ro / "q")), "not writable")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_check_writable_accepts_new_and_existing_paths(tmp_path):
+    from phiforge.utils import check_writable
+
+    assert check_writable(tmp_path / "a" / "b" / "r.json") == tmp_path / "a" / "b" / "r.json"
+    assert check_writable(tmp_path, "dir") == tmp_path
+    (tmp_path / "f.json").write_text("{}")
+    check_writable(tmp_path / "f.json")  # an existing file is replaced
+    assert not (tmp_path / "a").exists()  # creates nothing
