@@ -104,3 +104,45 @@ def test_check_writable_accepts_new_and_existing_paths(tmp_path):
     (tmp_path / "f.json").write_text("{}")
     check_writable(tmp_path / "f.json")  # an existing file is replaced
     assert not (tmp_path / "a").exists()  # creates nothing
+
+
+# ---------------------------------------------------------------- item 3: empty inputs
+
+
+def _shard_docs(folder):
+    from phiforge.data.io import read_jsonl
+
+    return [d for p in sorted(folder.glob("*.jsonl.gz")) for d in read_jsonl(p)]
+
+
+def test_dedup_of_an_empty_file_writes_an_empty_output(tmp_path, capsys, monkeypatch):
+    """Exit 0 with one clear line: an empty unit is a normal state of a pipeline (a Slurm shard, a filter that kept
+    nothing), and the stages after it and the report must still run. Before: IndexError in the clustering."""
+    from phiforge.data.cli import main
+
+    monkeypatch.setenv("PHIFORGE_NO_PROGRESS", "1")
+    empty = tmp_path / "EMPTY.jsonl"
+    empty.write_text("")
+    assert main(["dedup", str(empty), "--out", str(tmp_path / "D")]) == 0
+    assert "dedup: no documents in" in capsys.readouterr().err
+    assert list((tmp_path / "D").glob("*.jsonl.gz")) and _shard_docs(tmp_path / "D") == []
+    assert json.loads((tmp_path / "D" / "stats.json").read_text())["docs_out"] == 0
+
+
+def test_data_run_on_a_corpus_filtered_to_nothing(tmp_path, capsys, monkeypatch):
+    from phiforge.data.cli import main
+
+    monkeypatch.setenv("PHIFORGE_NO_PROGRESS", "1")
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": f"word {i}"}) + "\n" for i in range(3)))  # too short: all filtered
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog and runs far from home"}) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"out: {tmp_path / 'run'}\nstages:\n  - {{stage: filter, inputs: [{short}]}}\n"
+                      f"  - {{stage: dedup}}\n  - {{stage: decontam, args: {{eval-sets: [{ev}]}}}}\n")
+    assert main(["run", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "dedup: no documents in" in err and "decontam: no documents in" in err
+    assert _shard_docs(tmp_path / "run" / "2_decontam") == []
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [s["docs_out"] for s in report] == [0, 0, 0]
