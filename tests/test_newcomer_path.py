@@ -146,3 +146,58 @@ def test_data_run_on_a_corpus_filtered_to_nothing(tmp_path, capsys, monkeypatch)
     assert _shard_docs(tmp_path / "run" / "2_decontam") == []
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert [s["docs_out"] for s in report] == [0, 0, 0]
+
+
+# ---------------------------------------------------------------- item 4: defaults derived from the model
+
+
+def test_quantize_int4_default_group_size_fits_the_model(tmp_path, model_dir, capsys):
+    """The tiny model's in_features are 64 and 128: the default group 128 does not divide 64, so 64 is used (and said);
+    before, the default failed and its hint suggested 128 itself."""
+    from phiforge import quant
+
+    assert quant.fitting_group_sizes(load(str(model_dir))[0]) == [32, 64]
+    assert quant.main([str(model_dir), "--bits", "4", "--out", str(tmp_path / "q4")]) == 0
+    assert "group size 64" in capsys.readouterr().err
+    assert json.loads((tmp_path / "q4" / "quant_config.json").read_text())["group_size"] == 64
+    with pytest.raises(UserError, match=r"use --group-size 32 or 64, which divide") as e:
+        quant.main([str(model_dir), "--bits", "4", "--group-size", "128", "--out", str(tmp_path / "q")])
+    assert "128," not in str(e.value).split("(")[1]
+
+
+def _chats(path, n=24):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                          {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_default_seq_len_fits_a_short_context_model(tmp_path, model_dir, capsys):
+    """The tiny model has 256 positions; the default seq_len 1024 used to be refused. A seq_len the user sets
+    that does not fit is still an error."""
+    from phiforge.train import sft
+
+    argv = ["--model", str(model_dir), "--data", str(_chats(tmp_path / "c.jsonl")), "--max_steps", "1",
+            "--batch_size", "2", "--end_eval", "0", "--export", "false", "--threads", "1", "--eval_every", "1000"]
+    assert sft.main(argv + ["--out", str(tmp_path / "s")]) == 0
+    assert "sft: seq_len 256, the model's max_position_embeddings" in capsys.readouterr().err
+    with pytest.raises(UserError, match="seq_len 512 > the model's max_position_embeddings 256"):
+        sft.main(argv + ["--out", str(tmp_path / "s2"), "--seq_len", "512"])
+
+
+def test_pretrain_short_run_gets_a_warmup_that_fits(tmp_path, trained_tokenizer, capsys):
+    """`pretrain --max-steps 5` with the default warmup (20) used to be refused by the schedule check."""
+    from phiforge.train import pretrain, tokenize
+
+    trained_tokenizer.save(tmp_path / "tok")
+    src = tmp_path / "a.txt"
+    src.write_text("<|endoftext|>".join(f"Tom saw {i} red balls in the park today." for i in range(200)))
+    tokenize.main([str(src), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "a"), "--workers", "1",
+                   "--val-fraction", "0.1"])
+    argv = ["--out", str(tmp_path / "p"), "--sources", json.dumps({"a": str(tmp_path / "a")}), "--seq_len", "32",
+            "--batch_size", "2", "--max-steps", "5", "--eval_every", "100", "--ckpt_every", "100", "--export", "false",
+            "--threads", "1"]
+    assert pretrain.main(argv) == 0
+    assert "pretrain: warmup_steps 0 (10% of max_steps 5" in capsys.readouterr().err
+    with pytest.raises(UserError, match="warmup_steps 8 must be between 0 and max_steps 5"):
+        pretrain.main(argv + ["--warmup_steps", "8"])
