@@ -201,3 +201,47 @@ def test_pretrain_short_run_gets_a_warmup_that_fits(tmp_path, trained_tokenizer,
     assert "pretrain: warmup_steps 0 (10% of max_steps 5" in capsys.readouterr().err
     with pytest.raises(UserError, match="warmup_steps 8 must be between 0 and max_steps 5"):
         pretrain.main(argv + ["--warmup_steps", "8"])
+
+
+# ---------------------------------------------------------------- item 5: recipe keys up front, continuing a run
+
+
+def test_recipe_stage_keys_are_checked_before_any_stage(tmp_path, capsys):
+    """Before: `--set pretrain.max_step=3` passed --print-config and six stages, then failed in pretraining."""
+    from phiforge import recipe
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"unknown recipe key 'pretrain.max_step'; did you mean 'pretrain.max_steps'"):
+        recipe.main(["--smoke", "--out", str(out), "--set", "pretrain.max_step=3", "--print-config"])
+    with pytest.raises(UserError, match=r"'sft.warmup_step'; did you mean 'sft.warmup_steps'"):
+        recipe.main(["--smoke", "--out", str(out), "--set", "sft.warmup_step=3"])
+    with pytest.raises(UserError, match=r"'pretrain.model_args.hiden_size'; did you mean 'pretrain.model_args.hidden_size'"):
+        recipe.main(["--smoke", "--out", str(out), "--set", "pretrain.model_args.hiden_size=32"])
+    with pytest.raises(UserError, match=r"max_steps: expected an integer"):
+        recipe.main(["--smoke", "--out", str(out), "--set", "dpo.max_steps=many"])
+    assert not out.exists()  # nothing ran
+
+
+def test_recipe_continues_with_keys_only_unfinished_stages_read(tmp_path, capsys):
+    """A run that stopped before pretraining takes a corrected pretrain key (before: "started with a different
+    recipe"); a key a finished stage read is refused with the key and the stage named."""
+    import argparse
+
+    from phiforge import recipe
+
+    def cfg(*sets):
+        return recipe.resolve(argparse.Namespace(smoke=True, recipe=None, set=list(sets), data=None, threads=None))
+
+    out = tmp_path / "run"
+    (out / ".recipe").mkdir(parents=True)
+    for name in ("corpus", "decontam", "filter", "dedup", "tokenizer", "tokenize"):
+        (out / ".recipe" / f"{name}.json").write_text(json.dumps({"output": name}))
+    saved = cfg()
+    recipe.check_continuation(out, saved, cfg("pretrain.max_steps=3", "sft.lr=0.01", "threads=1"))
+    err = capsys.readouterr().err
+    assert "threads, pretrain.max_steps, sft.lr changed" in err and "pretrain and later stages use the new" in err
+    with pytest.raises(UserError, match=r"tokenizer.vocab_size \(read by tokenizer, done\)"):
+        recipe.check_continuation(out, saved, cfg("tokenizer.vocab_size=300", "pretrain.max_steps=3"))
+    with pytest.raises(UserError, match=r"eval.benchmarks \(read by decontam, done\)"):
+        recipe.check_continuation(out, saved, cfg("eval.benchmarks=[mmlu]"))
+    recipe.check_continuation(out, saved, cfg("eval.limit=2"))  # read only by the eval stage, not run yet
