@@ -101,11 +101,13 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_shapes(cfg: Phi3Config, shapes: dict[str, tuple], source: str) -> None:
-    """Every tensor the config needs is present with the right shape, and nothing else is: else one clear error
-    naming the tensor and both shapes."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Phi3(cfg).state_dict().items()}
+def check_shapes(cfg: Phi3Config, shapes: dict[str, tuple], source: str, expected: dict | None = None) -> None:
+    """Every tensor the config needs (or `expected` lists: a quantized layout) is present with the right shape, and
+    nothing else is: else one clear error naming the tensor and both shapes."""
+    if expected is None:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in Phi3(cfg).state_dict().items()}
+    expected = dict(expected)
     shapes = {k: tuple(v) for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:  # tied models may still carry a copy of lm_head; the embedding is the truth
         shapes.pop("lm_head.weight", None)

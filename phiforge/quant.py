@@ -547,9 +547,7 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
     from phiforge.tokenizer import Tokenizer
 
     folder = Path(folder)
-    qc = json.loads((folder / "quant_config.json").read_text())
-    if qc.get("format") != "phiforge-quant":
-        raise UserError(f"{folder}/quant_config.json is not a phiforge quantization config")
+    qc = read_quant_config(folder)
     dtype = resolve_dtype(dtype)
     model = build_model(read_config(folder), dtype, device, init=False)
     for name, spec in qc["modules"].items():
@@ -567,6 +565,33 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
     tok = Tokenizer.from_folder(folder) if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")) \
         else None
     return model.to(device).eval(), tok
+
+
+def read_quant_config(folder) -> dict:
+    path = Path(folder) / "quant_config.json"
+    try:
+        qc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(qc, dict) or qc.get("format") != "phiforge-quant" or not isinstance(qc.get("modules"), dict):
+        raise UserError(f"{path} is not a phiforge quantization config")
+    return qc
+
+
+def quantized_shapes(cfg, qc: dict) -> dict[str, tuple]:
+    """Tensor name -> shape of the model.safetensors save_quantized writes for this config and quant_config, built
+    on the meta device (no memory), so `inspect` can check a quantized folder from its headers alone."""
+    from phiforge.model import Phi3
+
+    with torch.device("meta"):
+        model = Phi3(cfg)
+        for name, spec in qc["modules"].items():
+            try:
+                _set_module(model, name, _empty_module(spec, model.get_submodule(name)))
+            except (AttributeError, KeyError):
+                raise UserError(f"quant_config.json names module {name!r}, which this config has not "
+                                f"(or with a bad spec {spec})") from None
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _is_quant_buffer(key: str, qc: dict) -> bool:

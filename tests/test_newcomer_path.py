@@ -82,7 +82,8 @@ def test_output_errors_are_one_line(tmp_path, model_dir):
     # an existing file where a folder is needed, and a folder where a file is needed
     one_line_error(run_cli("quantize", str(model_dir), "--bits", "8", "--out", str(blocker)),
                    "is an existing file; it must name a folder")
-    one_line_error(run_cli("export", "gguf", str(model_dir), "--out", str(tmp_path)), "is a folder; it must name a file")
+    one_line_error(run_cli("export", "gguf", str(model_dir), "--out", str(tmp_path)),
+                   "is a folder; it must name a file")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so the check cannot fail")
@@ -215,7 +216,7 @@ def test_recipe_stage_keys_are_checked_before_any_stage(tmp_path, capsys):
         recipe.main(["--smoke", "--out", str(out), "--set", "pretrain.max_step=3", "--print-config"])
     with pytest.raises(UserError, match=r"'sft.warmup_step'; did you mean 'sft.warmup_steps'"):
         recipe.main(["--smoke", "--out", str(out), "--set", "sft.warmup_step=3"])
-    with pytest.raises(UserError, match=r"'pretrain.model_args.hiden_size'; did you mean 'pretrain.model_args.hidden_size'"):
+    with pytest.raises(UserError, match=r"'pretrain.model_args.hiden_size'; did you mean '.*model_args.hidden_size'"):
         recipe.main(["--smoke", "--out", str(out), "--set", "pretrain.model_args.hiden_size=32"])
     with pytest.raises(UserError, match=r"max_steps: expected an integer"):
         recipe.main(["--smoke", "--out", str(out), "--set", "dpo.max_steps=many"])
@@ -245,3 +246,26 @@ def test_recipe_continues_with_keys_only_unfinished_stages_read(tmp_path, capsys
     with pytest.raises(UserError, match=r"eval.benchmarks \(read by decontam, done\)"):
         recipe.check_continuation(out, saved, cfg("eval.benchmarks=[mmlu]"))
     recipe.check_continuation(out, saved, cfg("eval.limit=2"))  # read only by the eval stage, not run yet
+
+
+# ---------------------------------------------------------------- item 6: inspect a quantized folder
+
+
+def test_inspect_reads_a_quantize_output_folder(tmp_path, model_dir, capsys):
+    """Before: `missing tensor lm_head.weight ... and 16 more` (the float layout was expected)."""
+    from safetensors.torch import load_file, save_file
+
+    from phiforge import inspect, quant
+
+    for name, extra in (("q4", ["--bits", "4"]), ("q8e", ["--bits", "8", "--embed-bits", "8"])):
+        assert quant.main([str(model_dir), *extra, "--out", str(tmp_path / name)]) == 0
+        capsys.readouterr()
+        assert inspect.main([str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert "parameters:" in out and "<|assistant|>" in out
+        assert ("quantization: int4, group 64, asymmetric, rtn" if name == "q4" else
+                "quantization: int8, symmetric per output channel, rtn, embeddings int8") in out
+    state = load_file(str(tmp_path / "q4" / "model.safetensors"))
+    state.pop("model.layers.1.mlp.down_proj.scales")
+    save_file(state, str(tmp_path / "q4" / "model.safetensors"))
+    one_line_error(run_cli("inspect", str(tmp_path / "q4")), "missing tensor model.layers.1.mlp.down_proj.scales")
