@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phiforge.model import Phi3, Phi3Config
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import UserError, atomic_write_json, normal_mode
 
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -211,4 +211,5 @@ def save_hf_folder(model: Phi3, folder: str | os.PathLike, tokenizer=None, max_s
 def _save_atomic(tensors: dict, path: Path, meta: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    normal_mode(tmp)
     os.replace(tmp, path)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phiforge.utils import UserError, atomic_write_json, check_writable
+from phiforge.utils import UserError, atomic_write_json, check_writable, normal_mode
 
 # The int4 group sizes `phiforge quantize` offers: the ones aten's int4 kernel takes and our kernel compiles in.
 # (Int4Linear itself accepts any multiple of 32, e.g. from a checkpoint made elsewhere.)
@@ -534,6 +534,7 @@ def save_quantized(model, folder, tokenizer=None) -> Path:
         state.pop("lm_head.weight")
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt", "quantization": "phiforge-quant"})
+    normal_mode(tmp)
     tmp.replace(folder / "model.safetensors")
     atomic_write_json(folder / "quant_config.json", qc)
     return folder
@@ -656,8 +657,9 @@ def main(argv: list[str] | None = None) -> int:
         if group_size != DEFAULT_GROUP_SIZE:
             print(f"quantize: group size {group_size}: the default {DEFAULT_GROUP_SIZE} does not divide every "
                   "in_features of this model", file=sys.stderr)
-    print(f"quantizing {args.model}: {args.bits}-bit" + (f", group {group_size}" if args.bits == 4 else "")
-          + f", {'symmetric' if args.symmetric else 'asymmetric'}, {args.method}", file=sys.stderr)
+    how = (f"group {group_size}, {'symmetric' if args.symmetric else 'asymmetric'}, {args.method}" if args.bits == 4
+           else "symmetric per output channel, rtn")
+    print(f"quantizing {args.model}: {args.bits}-bit, {how}", file=sys.stderr)
     quantize(model.eval(), args.bits, group_size, args.symmetric, args.method, calib, args.embed_bits)
     save_quantized(model, args.out, tok)
     size = (Path(args.out) / "model.safetensors").stat().st_size

@@ -17,13 +17,19 @@ class UserError(Exception):
     """A problem the user can fix (bad path, bad config, bad data). The CLI prints it as one line, exit code 2."""
 
 
+def normal_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode open() would have (0644 under umask 022). mkstemp and safetensors' save_file create
+    files 0600, which another user (a server account, a teammate) cannot read."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see either the old content or the new, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
+        normal_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -269,3 +269,19 @@ def test_inspect_reads_a_quantize_output_folder(tmp_path, model_dir, capsys):
     state.pop("model.layers.1.mlp.down_proj.scales")
     save_file(state, str(tmp_path / "q4" / "model.safetensors"))
     one_line_error(run_cli("inspect", str(tmp_path / "q4")), "missing tensor model.layers.1.mlp.down_proj.scales")
+
+
+# ---------------------------------------------------------------- model files readable by others (not mkstemp's 0600)
+
+
+def test_model_files_get_normal_permissions(tmp_path, model_dir):
+    """safetensors' save_file made model.safetensors 0600 in every model folder, unlike every other file there."""
+    import stat
+
+    from phiforge import quant, utils
+
+    m, tok = load(str(model_dir))
+    save_hf_folder(m, tmp_path / "m", tok)
+    assert quant.main([str(tmp_path / "m"), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+    for f in [*(tmp_path / "m").iterdir(), *(tmp_path / "q").iterdir()]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~utils._UMASK, f

@@ -31,7 +31,7 @@ import numpy as np
 
 from phiforge.data.dedup import word_hashes
 from phiforge.data.filters import STOP_WORDS, FilterConfig, all_rule_results, filter_doc
-from phiforge.utils import UserError, atomic_write_json, check_writable
+from phiforge.utils import UserError, atomic_write_json, check_writable, normal_mode
 
 N_BUCKETS = 1 << 18
 MAX_FEATURE_CHARS = 20_000  # n-grams of the first 20k characters: the rest adds cost, not signal
@@ -282,6 +282,7 @@ def save_model(model: Model, folder: Path, info: dict) -> None:
     tmp = folder / ".model.safetensors.tmp"
     save_file({"w_sparse": model.w_sparse.astype(np.float32), "w_dense": model.w_dense,
                "mean": model.mean, "std": model.std}, str(tmp))
+    normal_mode(tmp)
     tmp.replace(folder / "model.safetensors")
     atomic_write_json(folder / "config.json", {"bias": model.bias, "use_ngrams": model.use_ngrams,
                                                "use_dense": model.use_dense, "threshold": model.threshold,
