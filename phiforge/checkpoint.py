@@ -12,8 +12,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phiforge.model import Phi3, Phi3Config
-from phiforge.utils import UserError, atomic_write_json, normal_mode
+from phiforge.utils import UserError, atomic_write_json, normal_mode, progress
 
+LOAD_BAR_BYTES = 256 << 20  # models at least this big show a loading bar
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -91,13 +92,21 @@ def weight_files(folder: Path) -> list[Path]:
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors, memory-mapped (safe_open maps the file; tensors are materialised on first use)."""
     state = {}
-    for f in weight_files(folder):
+    files = weight_files(folder)
+    total = sum(f.stat().st_size for f in files)
+    # a bar for a model that takes seconds to read (Phi-3-mini: 7.6 GB), none for the small ones tests load by the
+    # hundred
+    bar = progress(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False,
+                   disable=total < LOAD_BAR_BYTES)
+    for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for name in fh.keys():
                     state[name] = fh.get_tensor(name)
+                    bar.update(state[name].nbytes)
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    bar.close()
     return state
 
 

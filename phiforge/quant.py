@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phiforge.utils import UserError, atomic_write_json, check_writable, normal_mode
+from phiforge.utils import UserError, atomic_write_json, check_writable, normal_mode, progress
 
 # The int4 group sizes `phiforge quantize` offers: the ones aten's int4 kernel takes and our kernel compiles in.
 # (Int4Linear itself accepts any multiple of 32, e.g. from a checkpoint made elsewhere.)
@@ -498,10 +498,14 @@ def quantize(model, bits: int = 4, group_size: int | None = None, symmetric: boo
         if calib is None or calib.numel() == 0:
             raise UserError("GPTQ needs calibration text: pass --calib FILE")
         model.float()  # Hessians and error feedback in fp32
+        bar = progress(total=len(model.model.layers) + 1, desc="GPTQ", unit="block")  # minutes on a real model
         for i, blk in enumerate(model.model.layers):
             names = [n for n in specs if n.startswith(f"model.layers.{i}.")]
             _gptq_swap(model, specs, blk, names, calib, calib_batch, symmetric)
+            bar.update()
         _gptq_swap(model, specs, model.lm_head, ["lm_head"], calib, calib_batch, symmetric)
+        bar.update()
+        bar.close()
         rest = [n for n in specs if n != "lm_head" and not n.startswith("model.layers.")]
     else:
         rest = list(specs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,14 @@ os.umask(_UMASK)
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad config, bad data). The CLI prints it as one line, exit code 2."""
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr, so stdout stays the command's output; PHIFORGE_NO_PROGRESS=1 turns it off."""
+    from tqdm import tqdm
+
+    kwargs["disable"] = kwargs.get("disable", False) or os.environ.get("PHIFORGE_NO_PROGRESS") == "1"
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
 def normal_mode(path: str | os.PathLike) -> None:

@@ -285,3 +285,50 @@ def test_model_files_get_normal_permissions(tmp_path, model_dir):
     assert quant.main([str(tmp_path / "m"), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
     for f in [*(tmp_path / "m").iterdir(), *(tmp_path / "q").iterdir()]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~utils._UMASK, f
+
+
+# ---------------------------------------------------------------- export gguf writes an Ollama Modelfile
+
+
+def test_export_gguf_writes_an_ollama_modelfile(tmp_path, model_dir, capsys):
+    from phiforge.export import main as export_main
+    from phiforge.export.modelfile import PROBE, is_phi3_format
+
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**gen, "do_sample": True, "temperature": 0.7,
+                                                                   "top_p": 0.9}))
+    assert export_main(["gguf", str(model_dir), "--type", "f32", "--out", str(tmp_path / "g" / "m.gguf")]) == 0
+    text = (tmp_path / "g" / "Modelfile").read_text()
+    assert "FROM ./m.gguf\n" in text
+    assert 'TEMPLATE """{{- range $i, $_ := .Messages }}' in text and "<|{{ .Role }}|>\n{{ .Content }}<|end|>" in text
+    assert 'PARAMETER stop "<|end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text
+    assert "PARAMETER num_ctx 256" in text and "PARAMETER temperature 0.7" in text and "PARAMETER top_p 0.9" in text
+    assert "ollama create NAME -f" in capsys.readouterr().out
+
+    from phiforge import load as load_model
+    _, tok = load_model(str(model_dir))
+    assert is_phi3_format(tok)
+    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert not is_phi3_format(tok)  # another format: no TEMPLATE rather than a wrong one
+    assert PROBE[0]["role"] == "system"
+
+
+# ---------------------------------------------------------------- progress bars where a command is silent for minutes
+
+
+def test_progress_bars_on_gptq_and_model_loading(tmp_path, model_dir, capsys, monkeypatch):
+    from phiforge import checkpoint, quant
+
+    monkeypatch.delenv("PHIFORGE_NO_PROGRESS", raising=False)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. Tom and Lily went to the park. " * 40)
+    assert quant.main([str(model_dir), "--bits", "4", "--method", "gptq", "--calib", str(calib), "--seq-len", "16",
+                       "--calib-samples", "4", "--out", str(tmp_path / "g")]) == 0
+    err = capsys.readouterr().err
+    assert "GPTQ: 100%" in err and "3/3" in err  # two blocks and the LM head
+    monkeypatch.setattr(checkpoint, "LOAD_BAR_BYTES", 0)  # the tiny model is far below the real threshold
+    checkpoint.load_hf_folder(model_dir)
+    assert "loading weights" in capsys.readouterr().err
+    monkeypatch.setenv("PHIFORGE_NO_PROGRESS", "1")
+    checkpoint.load_hf_folder(model_dir)
+    assert "loading weights" not in capsys.readouterr().err
