@@ -12,8 +12,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phiforge.model import Phi3, Phi3Config
-from phiforge.utils import UserError, atomic_write_json
+from phiforge.utils import UserError, atomic_write_json, normal_mode, progress
 
+LOAD_BAR_BYTES = 256 << 20  # models at least this big show a loading bar
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -111,21 +112,31 @@ def weight_files(folder: Path) -> list[Path]:
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors, memory-mapped (safe_open maps the file; tensors are materialised on first use)."""
     state = {}
-    for f in weight_files(folder):
+    files = weight_files(folder)
+    total = sum(f.stat().st_size for f in files)
+    # a bar for a model that takes seconds to read (Phi-3-mini: 7.6 GB), none for the small ones tests load by the
+    # hundred
+    bar = progress(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False,
+                   disable=total < LOAD_BAR_BYTES)
+    for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for name in fh.keys():
                     state[name] = fh.get_tensor(name)
+                    bar.update(state[name].nbytes)
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    bar.close()
     return state
 
 
-def check_shapes(cfg: Phi3Config, shapes: dict[str, tuple], source: str) -> None:
-    """Every tensor the config needs is present with the right shape, and nothing else is: else one clear error
-    naming the tensor and both shapes."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Phi3(cfg).state_dict().items()}
+def check_shapes(cfg: Phi3Config, shapes: dict[str, tuple], source: str, expected: dict | None = None) -> None:
+    """Every tensor the config needs (or `expected` lists: a quantized layout) is present with the right shape, and
+    nothing else is: else one clear error naming the tensor and both shapes."""
+    if expected is None:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in Phi3(cfg).state_dict().items()}
+    expected = dict(expected)
     shapes = {k: tuple(v) for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:  # tied models may still carry a copy of lm_head; the embedding is the truth
         shapes.pop("lm_head.weight", None)
@@ -239,4 +250,5 @@ def save_hf_folder(model: Phi3, folder: str | os.PathLike, tokenizer=None, max_s
 def _save_atomic(tensors: dict, path: Path, meta: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    normal_mode(tmp)
     os.replace(tmp, path)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = ap.parse_args(argv)
 
-    tok = None
+    tok, qc = None, None
     if args.model in PRESETS and not Path(args.model).exists():
         cfg = Phi3Config.from_name(args.model)
     else:
@@ -50,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         from phiforge.checkpoint import check_shapes, read_shapes
         folder = resolve_path(args.model)
         cfg = read_config(folder)
-        check_shapes(cfg, read_shapes(folder), str(folder))  # names and shapes, from the headers only
+        expected = None
+        if (folder / "quant_config.json").exists():  # a `phiforge quantize` folder: its own tensor layout
+            from phiforge.quant import quantized_shapes, read_quant_config
+            qc = read_quant_config(folder)
+            expected = quantized_shapes(cfg, qc)
+        check_shapes(cfg, read_shapes(folder), str(folder), expected)  # names and shapes, from the headers only
         if (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists():
             tok = Tokenizer.from_folder(folder)
     info = describe(cfg)
+    if qc is not None:
+        info["quantization"] = {k: qc.get(k) for k in ("bits", "group_size", "symmetric", "method", "embed_bits")}
     if tok is not None:
         info["tokenizer"] = {"vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token,
                              "stop_ids": sorted(tok.stop_ids), "end_id": tok.end_id}
@@ -69,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:<34} {v}")
     print(f"parameters: {info['parameters']:,}")
     print("memory (weights): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in info["memory_GiB"].items()))
+    if qc is not None:
+        q = info["quantization"]
+        how = (f"group {q['group_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'}" if q["bits"] == 4
+               else "symmetric per output channel")  # int8 has no groups and is always symmetric
+        print(f"quantization: int{q['bits']}, {how}, {q['method']}"
+              + (", embeddings int8" if q["embed_bits"] == 8 else ""))
     if tok is not None:
         print(f"tokenizer: {tok!r}")
         print("chat template (sample conversation, generation prompt):")

@@ -30,11 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phiforge.utils import ArgumentParser, UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, check_writable, normal_mode, progress
 
 # The int4 group sizes `phiforge quantize` offers: the ones aten's int4 kernel takes and our kernel compiles in.
 # (Int4Linear itself accepts any multiple of 32, e.g. from a checkpoint made elsewhere.)
 GROUP_SIZES = (32, 64, 128, 256)
+# The group size used when none is given, where it divides the model's in_features (gpt-fast's and GPTQ's default);
+# otherwise the largest smaller one that does (the recipe's model has intermediate_size 704 = 11 x 64).
+DEFAULT_GROUP_SIZE = 128
 
 # ----------------------------------------------------------------------------------------------------------------
 # Primitives: round-to-nearest quantize / dequantize, int4 packing
@@ -319,14 +322,36 @@ def _kernel():
 # Which modules get which format
 
 
+def _linears(model) -> dict[str, nn.Linear]:
+    """The linears quantization replaces: every block linear and the LM head."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (n.startswith("model.layers.") or n == "lm_head")}
+
+
+def fitting_group_sizes(model) -> list[int]:
+    """The offered int4 group sizes (GROUP_SIZES) that divide the in_features of every linear int4 replaces."""
+    ins = {m.in_features for m in _linears(model).values()}
+    return [g for g in GROUP_SIZES if all(k % g == 0 for k in ins)]
+
+
+def default_group_size(model) -> int:
+    """DEFAULT_GROUP_SIZE, or the largest smaller offered size that divides every in_features of this model."""
+    fits = [g for g in fitting_group_sizes(model) if g <= DEFAULT_GROUP_SIZE]
+    if not fits:
+        ins = sorted({m.in_features for m in _linears(model).values()})
+        raise UserError(f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides every in_features of this "
+                        f"model ({', '.join(map(str, ins))}); use --bits 8")
+    return fits[-1]
+
+
 def _targets(model, bits: int, group_size: int, embed_bits: int | None) -> dict[str, dict]:
     """name -> {"kind": int4|int8|int8_embedding, ...}: every block linear at `bits`; lm_head at `bits` (or at 8
     with embed_bits=8); the embedding stays float unless embed_bits=8."""
     specs = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.startswith("model.layers."):
-            specs[name] = _linear_spec(mod, bits, group_size, name)
-    specs["lm_head"] = _linear_spec(model.lm_head, 8 if embed_bits == 8 else bits, group_size, "lm_head")
+    for name, mod in _linears(model).items():
+        if name != "lm_head":
+            specs[name] = _linear_spec(model, mod, bits, group_size, name)
+    specs["lm_head"] = _linear_spec(model, model.lm_head, 8 if embed_bits == 8 else bits, group_size, "lm_head")
     if embed_bits == 8:
         specs["model.embed_tokens"] = {"kind": "int8_embedding"}
     elif embed_bits is not None:
@@ -334,14 +359,16 @@ def _targets(model, bits: int, group_size: int, embed_bits: int | None) -> dict[
     return specs
 
 
-def _linear_spec(mod: nn.Linear, bits: int, group_size: int, name: str) -> dict:
+def _linear_spec(model, mod: nn.Linear, bits: int, group_size: int, name: str) -> dict:
     if bits == 8:
         return {"kind": "int8"}
     if bits != 4:
         raise UserError(f"--bits must be 4 or 8, not {bits}")
     if mod.in_features % group_size or group_size % 32 or group_size > 256:
-        raise UserError(f"{name}: in_features {mod.in_features} is not divisible by group size {group_size} "
-                        "(use 32, 64 or 128 dividing the model's hidden and intermediate sizes)")
+        fits = fitting_group_sizes(model)  # the hint names only sizes that work for this model
+        hint = (f"use --group-size {' or '.join(map(str, fits))}, which divide every in_features of this model" if fits
+                else "no offered group size divides every in_features of this model; use --bits 8")
+        raise UserError(f"{name}: in_features {mod.in_features} is not divisible by group size {group_size} ({hint})")
     return {"kind": "int4", "group_size": group_size}
 
 
@@ -456,10 +483,13 @@ def _gptq_swap(model, specs, stage: nn.Module, names: list[str], calib, batch, s
 
 
 @torch.no_grad()
-def quantize(model, bits: int = 4, group_size: int = 128, symmetric: bool = False, method: str = "rtn",
+def quantize(model, bits: int = 4, group_size: int | None = None, symmetric: bool = False, method: str = "rtn",
              calib: torch.Tensor | None = None, embed_bits: int | None = None, calib_batch: int = 8):
     """Swap the model's linears (and optionally the embedding) for quantized modules, in place; returns the model.
-    method "gptq" needs calib: token ids [n_samples, T]. The swap is recorded in model.quant_config."""
+    method "gptq" needs calib: token ids [n_samples, T]. group_size None: default_group_size(model). The swap is
+    recorded in model.quant_config."""
+    if group_size is None:
+        group_size = default_group_size(model) if bits == 4 else DEFAULT_GROUP_SIZE
     specs = _targets(model, bits, group_size, embed_bits)
     if method not in ("rtn", "gptq"):
         raise UserError(f"unknown method {method!r}: use rtn or gptq")
@@ -467,10 +497,14 @@ def quantize(model, bits: int = 4, group_size: int = 128, symmetric: bool = Fals
         if calib is None or calib.numel() == 0:
             raise UserError("GPTQ needs calibration text: pass --calib FILE")
         model.float()  # Hessians and error feedback in fp32
+        bar = progress(total=len(model.model.layers) + 1, desc="GPTQ", unit="block")  # minutes on a real model
         for i, blk in enumerate(model.model.layers):
             names = [n for n in specs if n.startswith(f"model.layers.{i}.")]
             _gptq_swap(model, specs, blk, names, calib, calib_batch, symmetric)
+            bar.update()
         _gptq_swap(model, specs, model.lm_head, ["lm_head"], calib, calib_batch, symmetric)
+        bar.update()
+        bar.close()
         rest = [n for n in specs if n != "lm_head" and not n.startswith("model.layers.")]
     else:
         rest = list(specs)
@@ -503,6 +537,7 @@ def save_quantized(model, folder, tokenizer=None) -> Path:
         state.pop("lm_head.weight")
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt", "quantization": "phiforge-quant"})
+    normal_mode(tmp)
     tmp.replace(folder / "model.safetensors")
     atomic_write_json(folder / "quant_config.json", qc)
     return folder
@@ -516,9 +551,7 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
     from phiforge.tokenizer import Tokenizer
 
     folder = Path(folder)
-    qc = json.loads((folder / "quant_config.json").read_text())
-    if qc.get("format") != "phiforge-quant":
-        raise UserError(f"{folder}/quant_config.json is not a phiforge quantization config")
+    qc = read_quant_config(folder)
     dtype = resolve_dtype(dtype)
     model = build_model(read_config(folder), dtype, device, init=False)
     for name, spec in qc["modules"].items():
@@ -537,6 +570,33 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
     tok = Tokenizer.from_folder(folder) if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")) \
         else None
     return model.to(device).eval(), tok
+
+
+def read_quant_config(folder) -> dict:
+    path = Path(folder) / "quant_config.json"
+    try:
+        qc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(qc, dict) or qc.get("format") != "phiforge-quant" or not isinstance(qc.get("modules"), dict):
+        raise UserError(f"{path} is not a phiforge quantization config")
+    return qc
+
+
+def quantized_shapes(cfg, qc: dict) -> dict[str, tuple]:
+    """Tensor name -> shape of the model.safetensors save_quantized writes for this config and quant_config, built
+    on the meta device (no memory), so `inspect` can check a quantized folder from its headers alone."""
+    from phiforge.model import Phi3
+
+    with torch.device("meta"):
+        model = Phi3(cfg)
+        for name, spec in qc["modules"].items():
+            try:
+                _set_module(model, name, _empty_module(spec, model.get_submodule(name)))
+            except (AttributeError, KeyError):
+                raise UserError(f"quant_config.json names module {name!r}, which this config has not "
+                                f"(or with a bad spec {spec})") from None
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _is_quant_buffer(key: str, qc: dict) -> bool:
@@ -571,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="phiforge quantize", description="Weight-only int8/int4 quantization.")
     ap.add_argument("model", help="HF model folder (or a preset name)")
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    ap.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help=f"int4 group size: 32, 64, 128 or 256 (default: {DEFAULT_GROUP_SIZE}, or the largest "
+                         "smaller one dividing every in_features of the model)")
     ap.add_argument("--symmetric", action="store_true", help="int4 symmetric (default asymmetric)")
     ap.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     ap.add_argument("--calib", default=None, help="GPTQ calibration text file (.txt, .gz, .jsonl, folder)")
@@ -580,8 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-bits", type=int, default=None, help="8: keep embeddings and lm_head at int8")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.group_size not in GROUP_SIZES:
+    if args.group_size is not None and args.group_size not in GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {args.group_size}")
+    check_writable(args.out, "dir")
     from phiforge import load
 
     model, tok = load(args.model, dtype="float32")
@@ -592,9 +655,16 @@ def main(argv: list[str] | None = None) -> int:
         if tok is None:
             raise UserError(f"{args.model} has no tokenizer; GPTQ calibration needs one")
         calib = calibration_ids(tok, args.calib, args.calib_samples, args.seq_len)
-    print(f"quantizing {args.model}: {args.bits}-bit, group {args.group_size}, "
-          f"{'symmetric' if args.symmetric else 'asymmetric'}, {args.method}", file=sys.stderr)
-    quantize(model.eval(), args.bits, args.group_size, args.symmetric, args.method, calib, args.embed_bits)
+    group_size = args.group_size
+    if group_size is None and args.bits == 4:
+        group_size = default_group_size(model)
+        if group_size != DEFAULT_GROUP_SIZE:
+            print(f"quantize: group size {group_size}: the default {DEFAULT_GROUP_SIZE} does not divide every "
+                  "in_features of this model", file=sys.stderr)
+    how = (f"group {group_size}, {'symmetric' if args.symmetric else 'asymmetric'}, {args.method}" if args.bits == 4
+           else "symmetric per output channel, rtn")
+    print(f"quantizing {args.model}: {args.bits}-bit, {how}", file=sys.stderr)
+    quantize(model.eval(), args.bits, group_size, args.symmetric, args.method, calib, args.embed_bits)
     save_quantized(model, args.out, tok)
     size = (Path(args.out) / "model.safetensors").stat().st_size
     print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")

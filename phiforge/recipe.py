@@ -12,15 +12,18 @@ A stage is skipped when its done-marker (OUT/.recipe/<stage>.json, written atomi
 complete) exists, so rerunning a killed run continues it; a killed pretrain/sft/dpo resumes from its last checkpoint.
 
 Config precedence: the embedded DEFAULTS (= recipes/default.yaml) < SMOKE (with --smoke) < --recipe FILE < --data /
---threads / --set key.sub=value flags. The resolved recipe is printed and saved as OUT/recipe.yaml; a rerun with a
-different recipe into the same OUT is refused. The `pretrain`, `sft` and `dpo` sections are passed through as those
-stages' own YAML configs, so any of their keys (phiforge pretrain/sft/dpo --help) can be set there.
+--threads / --set key.sub=value flags. The resolved recipe is printed and saved as OUT/recipe.yaml; a rerun into the
+same OUT may change only keys that no finished stage read (a run that failed at pretraining takes a corrected
+pretrain.* key). The `pretrain`, `sft` and `dpo` sections are passed through as those stages' own YAML configs, so
+any of their keys (phiforge pretrain/sft/dpo --help) can be set there; they are checked before any stage runs.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
+import dataclasses
+import difflib
 import json
 import math
 import shutil
@@ -30,8 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from phiforge.utils import (ArgumentParser, UserError, atomic_write_json, atomic_write_text,
-                            shared_dir)
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text, check_writable, shared_dir
 
 # The embedded default: a ~5M-parameter model on ~6 MB of the standard library, about 10 minutes on 2 CPU cores.
 DEFAULTS: dict = {
@@ -88,17 +90,20 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # Config: defaults < smoke < YAML < flags
 
 
+def unknown_key(key: str, known: list[str], where: str = "") -> UserError:
+    close = difflib.get_close_matches(key, known, n=1)
+    return UserError(f"unknown recipe key {where + key!r}" + (f"; did you mean {where + close[0]!r}?" if close else
+                                                               f"; known keys: {', '.join(known)}"))
+
+
 def merge(base: dict, over: dict, where: str = "") -> dict:
     """Deep-merge `over` into a copy of `base`. Keys unknown to `base` are errors, except inside the sections passed
-    through to a stage's own config (pretrain/sft/dpo and model_args), which that stage checks."""
+    through to a stage's own config (pretrain/sft/dpo and model_args), which check_stage_sections checks."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         path = f"{where}{k}"
         if k not in out and where.split(".")[0] not in ("pretrain", "sft", "dpo"):
-            import difflib
-            close = difflib.get_close_matches(k, list(out), n=1)
-            raise UserError(f"unknown recipe key {path!r}" + (f"; did you mean {where}{close[0]!r}?" if close else
-                                                             f"; known keys: {', '.join(out)}"))
+            raise unknown_key(k, list(out), where)
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v, f"{path}.")
         else:
@@ -144,7 +149,69 @@ def resolve(args) -> dict:
     cfg = merge(cfg, flags)
     if isinstance(cfg["data"], str):
         cfg["data"] = [cfg["data"]]
+    check_stage_sections(cfg)
     return cfg
+
+
+def check_stage_sections(cfg: dict) -> None:
+    """Check the pretrain/sft/dpo sections against those stages' config classes (keys and value types) and
+    pretrain.model_args against Phi3Config, so a typo (pretrain.max_step) fails now, not after six stages."""
+    from phiforge.model import Phi3Config
+    from phiforge.train.config import apply_settings
+    from phiforge.train.dpo import DPOConfig
+    from phiforge.train.pretrain import PretrainConfig
+    from phiforge.train.sft import SFTConfig
+
+    for section, cls in (("pretrain", PretrainConfig), ("sft", SFTConfig), ("dpo", DPOConfig)):
+        settings = {str(k).replace("-", "_"): v for k, v in cfg[section].items()}
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in settings:
+            if key not in known:
+                raise unknown_key(key, known, f"{section}.")
+        apply_settings(cls(), settings, f"recipe section {section}")  # value types
+    known = [f.name for f in dataclasses.fields(Phi3Config)]
+    for key in cfg["pretrain"].get("model_args") or {}:
+        if key not in known:
+            raise unknown_key(key, known, "pretrain.model_args.")
+
+
+# recipe key -> the first stage that reads it: changing it redoes that stage and every later one. threads is absent:
+# it changes how fast a stage runs, not what it writes.
+FIRST_READER = {"seed": "corpus", "data": "corpus", "corpus": "corpus", "tokenizer": "tokenizer",
+                "tokenize": "tokenize", "phases": "pretrain", "pretrain": "pretrain", "sft": "sft", "dpo": "dpo",
+                "quantize": "quantize", "eval.benchmarks": "decontam", "eval.data_dir": "decontam", "eval": "eval",
+                "samples": "samples"}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys (section or section.key) whose values differ between two resolved recipes."""
+    keys = []
+    for k in dict.fromkeys([*old, *new]):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += [f"{k}.{s}" for s in dict.fromkeys([*a, *b]) if a.get(s) != b.get(s)]
+        elif a != b:
+            keys.append(k)
+    return keys
+
+
+def check_continuation(out: Path, saved: dict, cfg: dict) -> None:
+    """A rerun into an existing run may change only keys no finished stage has read: those stages are kept, and the
+    first stage that reads a changed key (not run yet) runs with the new value. Else one line on how to continue."""
+    stage_names = [name for name, _ in STAGES]
+    changed = changed_keys(saved, cfg)
+    done = {name for name in stage_names if (out / ".recipe" / f"{name}.json").exists()}
+    used = [(k, FIRST_READER.get(k, FIRST_READER.get(k.split(".")[0]))) for k in changed]
+    stale = [(k, s) for k, s in used if s in done]
+    if stale:
+        keys = ", ".join(f"{k} (read by {s}, done)" for k, s in stale)
+        raise UserError(f"{out} was started with a different recipe ({out / 'recipe.yaml'}): {keys}; rerun with the "
+                        "saved values to continue it, or choose another --out")
+    firsts = sorted({s for _, s in used if s}, key=stage_names.index)
+    if changed:
+        print(f"recipe: {', '.join(changed)} changed since {out / 'recipe.yaml'} was written; no finished stage read "
+              + ("them" if len(changed) > 1 else "it") + ": continuing"
+              + (f", {firsts[0]} and later stages use the new values" if firsts else ""), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -783,11 +850,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(text, end="")
         return 0
-    out = Path(args.out)
+    out = check_writable(args.out, "dir")
     saved = out / "recipe.yaml"
-    if saved.exists() and yaml.safe_load(saved.read_text()) != cfg:
-        raise UserError(f"{out} was started with a different recipe (see {saved}); rerun with the same options to "
-                        "continue it, or choose another --out")
+    if saved.exists():
+        check_continuation(out, yaml.safe_load(saved.read_text()), cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, text)
     print(text, end="", file=sys.stderr)
@@ -806,8 +872,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             output = fn(ctx)
         except BaseException:
-            print(f"{head} FAILED after {time.time() - t0:.1f}s; rerun the same command to continue from here",
-                  file=sys.stderr, flush=True)
+            print(f"{head} FAILED after {time.time() - t0:.1f}s; to continue from here, rerun the same command, or "
+                  f"one that changes only settings {name} and later stages read", file=sys.stderr, flush=True)
             raise
         dt = time.time() - t0
         atomic_write_json(marker, {"stage": name, "output": str(output), "seconds": round(dt, 2),

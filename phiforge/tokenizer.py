@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text, check_writable
 
 # Phi-3 chat tokens, in the order they are reserved (ids 0..) by train_bpe. Released checkpoints keep their own ids
 # (PHI3_SPEC 9): <|endoftext|> 32000, <|assistant|> 32001, <|system|> 32006, <|end|> 32007, <|user|> 32010.
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--out", required=True, help="folder to write tokenizer.json + tokenizer_config.json")
     args = ap.parse_args(argv)
+    check_writable(args.out, "dir")
     tok = train_bpe(vocab_size=args.vocab_size, files=args.files)
     tok.save(args.out)
     atomic_write_json(Path(args.out) / "generation_config.json", {"eos_token_id": sorted(tok.stop_ids)})

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,27 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr, so stdout stays the command's output; PHIFORGE_NO_PROGRESS=1 turns it off."""
+    from tqdm import tqdm
+
+    kwargs["disable"] = kwargs.get("disable", False) or os.environ.get("PHIFORGE_NO_PROGRESS") == "1"
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def normal_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode open() would have (0644 under umask 022). mkstemp and safetensors' save_file create
+    files 0600, which another user (a server account, a teammate) cannot read."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see either the old content or the new, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
+        normal_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -115,3 +130,23 @@ def llama_cpp_bin(*tools: str, explicit: str | None = None) -> Path | None:
         if d and all((Path(d) / t).exists() for t in tools):
             return Path(d)
     return None
+
+
+def check_writable(path: str | os.PathLike, kind: str = "file", flag: str = "--out") -> Path:
+    """Fail now, with one line, when `path` cannot be written as a file (kind="file") or a folder (kind="dir"),
+    so that a long run (an eval, GPTQ, a data stage) does not lose its results to a bad path found at the end.
+    Creates nothing: the stage makes its folders when it writes."""
+    p = Path(path)
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is an existing file; it must name a folder")
+    if kind == "file" and p.is_dir():
+        raise UserError(f"{flag} {p} is a folder; it must name a file")
+    # The nearest existing ancestor is where the first new file or folder will be made; it must be a writable folder.
+    anc = p if kind == "dir" else p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{flag} {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p}: folder {anc} is not writable")
+    return p

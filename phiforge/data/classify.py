@@ -31,7 +31,7 @@ import numpy as np
 
 from phiforge.data.dedup import word_hashes
 from phiforge.data.filters import STOP_WORDS, FilterConfig, all_rule_results, filter_doc
-from phiforge.utils import ArgumentParser, UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, check_writable, normal_mode
 
 N_BUCKETS = 1 << 18
 MAX_FEATURE_CHARS = 20_000  # n-grams of the first 20k characters: the rest adds cost, not signal
@@ -282,6 +282,7 @@ def save_model(model: Model, folder: Path, info: dict) -> None:
     tmp = folder / ".model.safetensors.tmp"
     save_file({"w_sparse": model.w_sparse.astype(np.float32), "w_dense": model.w_dense,
                "mean": model.mean, "std": model.std}, str(tmp))
+    normal_mode(tmp)
     tmp.replace(folder / "model.safetensors")
     atomic_write_json(folder / "config.json", {"bias": model.bias, "use_ngrams": model.use_ngrams,
                                                "use_dense": model.use_dense, "threshold": model.threshold,
@@ -310,6 +311,7 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-score", type=float, default=3.0)
     ap.add_argument("--eval", action="store_true", help="hold out 30%% (by text hash) and compare to heuristics")
     args = ap.parse_args(argv)
+    check_writable(args.out, "dir")
     if args.eval:
         result, model = evaluate(args.labels, min_score=args.min_score)
         atomic_write_json(Path(args.out) / "eval.json", result)

@@ -205,6 +205,8 @@ def cluster(exact: np.ndarray, sigs: np.ndarray, hasher: MinHasher) -> tuple[np.
     n = len(exact)
     parent = np.arange(n)
     counts = {"exact_pairs": 0, "candidate_pairs": 0, "verified_pairs": 0}
+    if n == 0:  # an empty input (or one a filter emptied): nothing to cluster
+        return parent, counts
 
     def link_groups(keys: np.ndarray, verify: bool) -> None:
         order = np.argsort(keys, kind="stable")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
+from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json, check_writable
 
 TEXT_EXT = (".txt", ".txt.gz", ".text", ".md")
 JSONL_EXT = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
@@ -195,7 +195,9 @@ class Stats:
 
 
 def iter_units(files: list[Path], shard_size: int, text_sep: str) -> Iterator[tuple[int, list]]:
-    """Group raw records of all files, in order, into units of shard_size: yields (unit index, [(where, raw)])."""
+    """Group raw records of all files, in order, into units of shard_size: yields (unit index, [(where, raw)]).
+    An input without documents is one empty unit, so the stage still writes an (empty) shard and stats.json and
+    the next stage of a chain reads an empty folder of shards instead of failing on a folder of none."""
     unit, buf = 0, []
     for path in files:
         for item in iter_raw(path, text_sep):
@@ -203,7 +205,7 @@ def iter_units(files: list[Path], shard_size: int, text_sep: str) -> Iterator[tu
             if len(buf) == shard_size:
                 yield unit, buf
                 unit, buf = unit + 1, []
-    if buf:
+    if buf or unit == 0:
         yield unit, buf
 
 
@@ -227,7 +229,7 @@ def run_units(stage: str, inputs: list[str], out: str | Path, process: Callable[
     if shard_size < 1:
         raise UserError("--shard-size must be >= 1")
     files = input_files(inputs)
-    out = Path(out)
+    out = check_writable(out, "dir")
     (out / ".done").mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
@@ -255,7 +257,12 @@ def run_units(stage: str, inputs: list[str], out: str | Path, process: Callable[
         atomic_write_json(done_path(out, unit), stats.to_json())
         bar.update(len(raws))
     bar.close()
-    return finalize(stage, out, n_units, config or {})
+    total = finalize(stage, out, n_units, config or {})
+    if write and total is not None and total.docs_in == 0:
+        print(f"{stage}: no documents in {', '.join(map(str, inputs))}"
+              + (f" ({total.malformed} malformed records)" if total.malformed else "")
+              + f"; wrote an empty output to {out}", file=sys.stderr)
+    return total
 
 
 def finalize(stage: str, out: Path, n_units: int, config: dict) -> Stats | None:

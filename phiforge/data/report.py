@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text, check_writable
 
 
 def collect(folders: list[str]) -> list[tuple[str, dict]]:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    out = Path(args.out or args.folders[0])
+    out = check_writable(args.out or args.folders[0], "dir")
     out.mkdir(parents=True, exist_ok=True)
     stages = collect(args.folders)
     lines = ["| stage | folder | in | out | malformed | docs/s | top removal reasons |",

@@ -30,7 +30,7 @@ from phiforge.data.client import RequestFailed, add_client_args, client_from_arg
 from phiforge.data.dedup import exact_hash, word_hashes
 from phiforge.data.filters import FilterConfig, gopher_repetition
 from phiforge.data.io import Stats, done_path, finalize, shard_path, write_jsonl_gz
-from phiforge.utils import ArgumentParser, UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, check_writable
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
 DEFAULTS = {"tinystories": ("tinystories_words.json", "tinystories_prompt.txt"),
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.shard_size < 1 or not 0 <= args.rank < args.world:
         raise UserError("need --n >= 1, --shard-size >= 1 and 0 <= --rank < --world")
     table, template = load_recipe(args.recipe, args.words, args.template)
-    out = Path(args.out)
+    out = check_writable(args.out, "dir")  # before the first (paid) teacher request
     (out / ".done").mkdir(parents=True, exist_ok=True)
     client = client_from_args(args, out / ".responses.cache")
     params = gen_params(args)

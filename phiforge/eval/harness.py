@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 from phiforge.eval.metrics import aggregate, mc_scores
-from phiforge.utils import (ArgumentParser, UserError, atomic_write_json, atomic_write_text,
-                            shared_dir)
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text, check_writable, shared_dir
 
 
 def available_tasks() -> list[str]:
@@ -161,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-files", nargs="*", default=[], help="perplexity task: text files to score")
     ap.add_argument("--context-lengths", default="1024,2048,4096", help="passkey task: context lengths in tokens")
     args = ap.parse_args(argv)
+    if args.out:
+        check_writable(args.out)  # the results are written after the whole run: a bad path must fail first
 
     # --tasks a,b --tasks c: every one runs (a repeated flag used to keep only the last)
     tasks = list(dict.fromkeys(t.strip() for arg in args.tasks for t in arg.split(",") if t.strip()))

@@ -4,12 +4,13 @@
     llama-cli -m runs/demo/model-q4_k_m.gguf -p "Once upon a time"     # or: ollama create demo -f Modelfile
 
 MODEL is an HF-style folder with a tokenizer (a phiforge-quantized folder works too: it is dequantized first).
+An Ollama `Modelfile` (chat template, stop tokens, context, sampling parameters) is written beside the GGUF.
 """
 from __future__ import annotations
 
 import sys
 
-from phiforge.utils import ArgumentParser, UserError
+from phiforge.utils import ArgumentParser, UserError, atomic_write_text, check_writable
 
 FORMATS = ("gguf",)
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.type not in TYPES:
         raise UserError(f"unsupported GGUF type {args.type!r}; choose one of {', '.join(TYPES)}")
+    check_writable(args.out)
     from pathlib import Path
 
     from phiforge.quant import load_any
@@ -37,7 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_any(args.model, dtype="float32")
     path = export_gguf(model, tok, args.out, args.type, name=args.name or Path(args.model).name)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    write_modelfile(path, tok, model.config.max_position_embeddings, args.model)
     return 0
+
+
+def write_modelfile(gguf: "Path", tok, context: int, model_dir: str) -> None:
+    """OUT's folder/Modelfile for `ollama create` (phiforge/export/modelfile.py says what goes in it)."""
+    from phiforge.export.modelfile import modelfile_text, sampling_parameters
+
+    modelfile = gguf.with_name("Modelfile")
+    text, templated = modelfile_text(gguf.name, tok, context, sampling_parameters(model_dir))
+    atomic_write_text(modelfile, text)
+    print(f"wrote {modelfile} (ollama create NAME -f {modelfile})" + ("" if templated else
+          "; it has no TEMPLATE: the chat template is not the Phi-3 turn format, add one by hand"))
 
 
 if __name__ == "__main__":

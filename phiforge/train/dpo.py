@@ -36,8 +36,8 @@ from phiforge.train.chat_data import SkipReport, build_pairs, collate_pairs, spl
 from phiforge.train.config import format_config, parse_overrides, resolve_config, save_config
 from phiforge.train.pref_losses import cdpo_loss, dpo_loss, ipo_loss, preference_metrics, sequence_logps
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
-from phiforge.train.sft import (add_adapters, export, load_model_and_tokenizer, make_logger, pick_device, read_data,
-                                reset_metrics)
+from phiforge.train.sft import (add_adapters, export, fit_seq_len, load_model_and_tokenizer, make_logger, pick_device,
+                                read_data, reset_metrics)
 from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
 from phiforge.utils import ArgumentParser, UserError, atomic_write_bytes, atomic_write_json
 
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfg.device)
 
     model, tok = load_model_and_tokenizer(cfg.model, device)
+    cfg = fit_seq_len(cfg, model, "dpo")
     report = SkipReport()
     pairs, report = build_pairs(read_data(cfg.data, cfg.max_records), tok, cfg.seq_len, report)
     print(report.summary("preference data"), file=sys.stderr)

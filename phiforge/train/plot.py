@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from phiforge.utils import ArgumentParser, UserError
+from phiforge.utils import ArgumentParser, UserError, check_writable
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hline", action="append", default=[], metavar="LABEL=VALUE",
                     help="a horizontal reference line on the held-out bits-per-byte panel (repeatable)")
     args = ap.parse_args(argv)
+    out = check_writable(args.out if args.out else Path(args.runs[0]) / "loss.png")
     hlines = []
     for h in args.hline:
         label, _, value = h.rpartition("=")
@@ -101,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     ax.legend()
     if heldout:
         plot_heldout(axes[0][1], all_records, hlines)
-    out = Path(args.out) if args.out else Path(args.runs[0]) / "loss.png"
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(out)

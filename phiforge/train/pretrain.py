@@ -231,6 +231,18 @@ def check_phases(phases: list, names: list[str]) -> list[dict]:
     return out
 
 
+def fit_warmup(cfg: PretrainConfig) -> PretrainConfig:
+    """cfg with a warmup that fits the run. The default warmup (20 steps) is longer than a short run
+    (`--max-steps 5`), so a default that does not fit becomes 10% of max_steps, with a notice; a warmup the user
+    chose that is longer than the run stays an error (check_schedule)."""
+    if cfg.warmup_steps <= cfg.max_steps or cfg.warmup_steps != PretrainConfig.warmup_steps:
+        return cfg
+    warmup = cfg.max_steps // 10
+    print(f"pretrain: warmup_steps {warmup} (10% of max_steps {cfg.max_steps}; the default {cfg.warmup_steps} is "
+          "longer than the run)", file=sys.stderr)
+    return dataclasses.replace(cfg, warmup_steps=warmup)
+
+
 def check_heldout(spec: dict) -> dict:
     """The `heldout` setting, read and checked before training: {} or {ids, bytes, ctx} of the document stream."""
     if not spec:
@@ -304,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.dtype not in ("fp32", "bf16", "auto"):
         raise UserError(f"dtype must be fp32, bf16 or auto (got {cfg.dtype!r})")
     heldout = check_heldout(cfg.heldout)
+    cfg = fit_warmup(cfg)
     check_schedule(cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.decay_steps)
     if cfg.clock not in ("steps", "time"):
         raise UserError(f"clock must be steps or time (got {cfg.clock!r})")
@@ -388,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- state: fresh or resumed
     step, tokens_seen, seconds_before = 0, 0, 0.0
-    clock_t0 = None  # clock: time: training seconds at the end of the first step (the compile), where the schedule starts
+    clock_t0 = None  # clock: time: training seconds after the first (compiling) step; the schedule starts there
     cursors = {n: [0, 0] for n in names}  # per source: [epoch, index within the epoch's permutation]
     if ckpt_path is not None:
         meta = load_checkpoint(ckpt_path, model, optimizer)

@@ -19,6 +19,7 @@ model, optimizer, RNG, data cursor), final/ (HF folder; LoRA is merged into it) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -102,6 +103,20 @@ def load_model_and_tokenizer(path: str, device: torch.device):
         if tok.token_to_id(t) is None:
             raise UserError(f"the tokenizer of {path} has no {t} token; it cannot render the Phi-3 chat format")
     return model, tok
+
+
+def fit_seq_len(cfg, model, stage: str):
+    """cfg with a seq_len the model can take. The default (1024) is longer than a small model's context (the
+    recipe's has 512 positions), so a default that does not fit becomes the model's whole context, with a notice;
+    a seq_len the user chose that does not fit stays an error."""
+    n = model.config.max_position_embeddings
+    if cfg.seq_len <= n:
+        return cfg
+    if cfg.seq_len != type(cfg).seq_len:
+        raise UserError(f"seq_len {cfg.seq_len} > the model's max_position_embeddings {n}")
+    print(f"{stage}: seq_len {n}, the model's max_position_embeddings (the default {cfg.seq_len} does not fit)",
+          file=sys.stderr)
+    return dataclasses.replace(cfg, seq_len=n)
 
 
 def add_adapters(model, cfg) -> list[str]:
@@ -225,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- model and data
     model, tok = load_model_and_tokenizer(cfg.model, device)
-    if cfg.seq_len > model.config.max_position_embeddings:
-        raise UserError(f"seq_len {cfg.seq_len} > the model's max_position_embeddings "
-                        f"{model.config.max_position_embeddings}")
+    cfg = fit_seq_len(cfg, model, "sft")
     report = SkipReport()
     examples, report = build_sft(read_data(cfg.data, cfg.max_records), tok, cfg.seq_len, report)
     print(report.summary("sft data"), file=sys.stderr)

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from phiforge.utils import UserError, atomic_write_json, atomic_write_text
+from phiforge.utils import UserError, atomic_write_json, atomic_write_text, normal_mode
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -63,6 +63,7 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     save_file(_unshare(tensors), str(path), metadata=metadata)
+    normal_mode(path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

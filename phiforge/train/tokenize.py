@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from phiforge.train.shards import read_header, shard_paths, write_shard
-from phiforge.utils import ArgumentParser, UserError, atomic_write_json
+from phiforge.utils import ArgumentParser, UserError, atomic_write_json, check_writable
 
 TEXT_EXT = (".txt", ".txt.gz", ".text", ".md")
 JSONL_EXT = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--docs-per-shard and --workers must be >= 1")
     if args.holdout_last is not None and args.holdout_last < 1:
         raise UserError(f"--holdout-last must be >= 1, got {args.holdout_last}")
+    check_writable(args.out, "dir")
     files = input_files(args.inputs)
     first_held = None  # global index of the first held-out document (--holdout-last)
     if args.holdout_last is not None:
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                                      else Path(args.tokenizer, "tokenizer.model").read_bytes()).hexdigest()[:16]
     settings = {"inputs": [str(f.resolve()) for f in files], "sizes": [f.stat().st_size for f in files],
                 "text_key": args.text_key, "text_sep": args.text_sep, "val_fraction": args.val_fraction,
-                "holdout_last": args.holdout_last, "docs_per_shard": args.docs_per_shard, "seed": args.seed, "tokenizer": tok_fingerprint}
+                "holdout_last": args.holdout_last, "docs_per_shard": args.docs_per_shard, "seed": args.seed,
+                "tokenizer": tok_fingerprint}
     progress_file = out / "tokenize.json"
     if progress_file.exists():
         previous = json.loads(progress_file.read_text())
