@@ -64,26 +64,22 @@ def _read_one(p: Path, max_chars: int | None = None) -> str:
     try:
         with opener(p, "rb") as fb:
             _check_not_binary(p, fb.read(8192))
+        if ".jsonl" in p.suffixes:
+            return _read_jsonl(p, max_chars)
         with opener(p, "rt", encoding="utf-8", errors="replace") as f:
-            if ".jsonl" in p.suffixes:
-                return _read_jsonl(p, f, max_chars)
             return f.read(-1 if max_chars is None else max_chars)
     except (OSError, EOFError) as e:  # unreadable, or a .gz that is not gzip
         raise UserError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _read_jsonl(p: Path, f, max_chars: int | None) -> str:
+def _read_jsonl(p: Path, max_chars: int | None) -> str:
+    """The 'text' fields of a JSON-lines file, read as `phiforge tokenize` reads them (one error per bad line)."""
+    from phiforge.train.tokenize import read_documents
+
     texts, n = [], 0
-    for lineno, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{lineno} is not valid JSON ({e})") from None
-        text = record.get("text", "") if isinstance(record, dict) else ""
-        texts.append(text if isinstance(text, str) else "")
-        n += len(texts[-1]) + 1
+    for text in read_documents(p, "text", "file"):
+        texts.append(text)
+        n += len(text) + 1
         if max_chars is not None and n >= max_chars:
             break
     return "\n".join(texts)

@@ -19,6 +19,7 @@ from phiforge import load
 from phiforge.checkpoint import save_hf_folder
 from phiforge.utils import UserError
 from tests.conftest import SAMPLE_TEXT
+from tests.test_cli_errors import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -29,13 +30,6 @@ def run_cli(*args, stdin: str | None = None, cwd=ROOT, timeout: float = 120):
                           text=True, timeout=timeout, env=ENV, cwd=cwd)
 
 
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("phiforge: error: "), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture(scope="module")
