@@ -45,8 +45,10 @@ def resolve_path(path_or_repo: str) -> Path:
             return Path(snapshot_download(path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                                          "*.txt", "*.jinja", "*.tiktoken"]))
         except Exception as e:  # network, auth or missing repo: one line for the user
-            raise UserError(f"could not download {path_or_repo!r} from the Hugging Face Hub: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            # `runs/x` from another folder is also a valid repo id: say both readings, the local one first
+            raise UserError(f"{path_or_repo!r} is not a local folder (from {Path.cwd()}), and downloading it from "
+                            f"the Hugging Face Hub failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
     raise UserError(f"model folder {path_or_repo!r} does not exist" + _did_you_mean(p))
 
 

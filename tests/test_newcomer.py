@@ -97,6 +97,13 @@ def test_mistyped_local_path_says_it_does_not_exist(model_dir, tmp_path):
     proc = run_cli("generate", "runs/defualt", "--prompt", "x", cwd=tmp_path)
     assert_one_line_error(proc, "'runs/defualt' does not exist", "did you mean runs/default?")
     assert "Hub" not in proc.stderr and "LocalEntryNotFound" not in proc.stderr
+    # from a folder without runs/, `runs/defualt` is also a valid Hub id: the one line says both readings
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "phiforge.cli", "generate", "runs/defualt", "--prompt", "x"],
+                          capture_output=True, text=True, timeout=120, cwd=elsewhere,
+                          env={**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_one_line_error(proc, "'runs/defualt' is not a local folder", str(elsewhere), "Hugging Face Hub")
 
 
 # ------------------------------------------------------------------------------------------------------------------
