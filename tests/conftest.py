@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 # Tests share 2 cores with whatever else runs; one thread keeps timings stable and avoids oversubscription.
 torch.set_num_threads(int(os.environ.get("PHIFORGE_TEST_THREADS", "1")))
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_LIMIT_S = 180  # issue 10: the smoke recipe runs end to end in CI in under 3 minutes
 
 SAMPLE_TEXT = (
     "Once upon a time there was a little robot named Pip. Pip liked to count stars. "
@@ -68,3 +75,21 @@ def with_bos_post_processor(tok, **config):
                                                            special_tokens=[("<s>", tok.bos_id)])
     cfg = {k: v for k, v in tok.config.items() if k not in ("add_bos_token", "add_eos_token")}
     return Tokenizer(backend, {**cfg, **config}, {"eos_token_id": sorted(tok.stop_ids)})
+
+
+def run_recipe(out: Path, *extra: str, timeout: float = SMOKE_LIMIT_S) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "phiforge.cli", "recipe", "--smoke", "--quiet", "--out", str(out),
+                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """`phiforge recipe --smoke`, once per session: (OUT, the finished process, seconds). test_recipe.py checks the
+    run; test_docs_commands.py runs the documented commands on its model. Read-only for both."""
+    out = tmp_path_factory.mktemp("recipe") / "smoke"
+    t0 = time.time()
+    r = run_recipe(out)
+    seconds = time.time() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r, seconds

@@ -18,15 +18,9 @@ import yaml
 
 from phiforge import recipe, recipe_data
 from phiforge.utils import UserError
+from tests.conftest import SMOKE_LIMIT_S, run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE_LIMIT_S = 180  # the issue: the smoke recipe runs end to end in CI in under 3 minutes
-
-
-def run_recipe(out: Path, *extra: str, timeout: float = SMOKE_LIMIT_S) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "phiforge.cli", "recipe", "--smoke", "--quiet", "--out", str(out),
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def report_without_timings(out: Path) -> str:
@@ -153,16 +147,6 @@ def test_story_corpus(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # end to end (--smoke)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("recipe") / "smoke"
-    t0 = time.time()
-    r = run_recipe(out)
-    seconds = time.time() - t0
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, r, seconds
 
 
 def test_smoke_recipe_end_to_end(smoke_run):

@@ -4,7 +4,7 @@
     phiforge dpo --model runs/sft/final --data pairs.jsonl --loss ipo --beta 0.5 --out runs/ipo
     phiforge dpo --model runs/sft/final --data pairs.jsonl --loss cdpo --label_smoothing 0.1 --out runs/cdpo
     phiforge dpo --model runs/sft/final --data pairs.jsonl --lora true --out runs/dpo-lora     # ref = adapters off
-    phiforge dpo --config dpo.yaml --out runs/dpo --resume
+    phiforge dpo --config runs/dpo/config.yaml --out runs/dpo --resume              # continue exactly
 
 Data (chat_data.to_preference): {prompt, chosen, rejected} (strings or message lists), ShareGPT pairs
 ({conversations, chosen: {from, value}, rejected}), HH-RLHF transcripts ({chosen, rejected} "\\n\\nHuman: ..."),
