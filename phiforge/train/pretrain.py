@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     n_params = model.num_params()
     embed = mcfg.vocab_size * mcfg.hidden_size
     flops_per_token = 6 * (n_params - embed + (embed if mcfg.tie_word_embeddings else 0))  # the lookup is free
-    peak = cfg.peak_flops or peak_flops_default(device, cfg.dtype)
+    # per rank (one GPU, or this process's CPU threads); tokens/s below are the whole job's, so the peak is world x
+    peak = world * (cfg.peak_flops or peak_flops_default(device, cfg.dtype))
     wrapped = wrap_model(model, cfg.parallel, device)
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
