@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from phiforge.train.tokenize import SEPARATORS
 from phiforge.utils import ArgumentParser, UserError
 
 TEXT_SUFFIXES = (".txt", ".gz", ".jsonl", ".json", ".parquet", ".md", ".raw", ".tokens")
@@ -193,6 +194,19 @@ def evaluate_rolling(model, ids: list[int], ctx: int, batch_size: int = 16) -> d
     return {"nll": nll, "tokens": n}
 
 
+def read_last_documents(path: str, sep: str, last: int | None = None) -> list[str]:
+    """The documents of a text file, split as `phiforge tokenize --text-sep SEP` splits them; with `last`, only the
+    last that many (a held-out tail), and an error when the file holds fewer."""
+    from phiforge.train.tokenize import read_documents
+
+    docs = list(read_documents(Path(path), "text", sep))
+    if last:
+        if last > len(docs):
+            raise UserError(f"--last-docs {last}: {path} holds only {len(docs)} documents")
+        docs = docs[-last:]
+    return docs
+
+
 def document_stream(tok, docs: list[str]) -> tuple[list[int], int]:
     """`EOS d1 EOS d2 ... dn EOS` (each document encoded alone, no special tokens) and the bytes it stands for: the
     documents' UTF-8 bytes plus one per scored EOS."""
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the data")
     ap.add_argument("--rolling", action="store_true", help="disjoint --ctx windows, every token after the first "
                     "scored once with no carried context (lm-eval loglikelihood_rolling); --stride is ignored")
-    ap.add_argument("--docs", default=None, choices=("eot", "line", "blank", "nul", "file"),
+    ap.add_argument("--docs", default=None, choices=SEPARATORS,
                     help="score --data as documents joined by EOS (see above) with this separator")
     ap.add_argument("--last-docs", type=int, default=None, metavar="N", help="with --docs: only the last N")
     ap.add_argument("--dtype", default="float32")
@@ -223,7 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = ap.parse_args(argv)
     from phiforge.quant import load_any
-    from phiforge.utils import atomic_write_json
+    from phiforge.utils import atomic_write_json, check_writable
+
+    # every check on the arguments before a model is loaded
+    if args.last_docs is not None and (args.docs is None or args.last_docs < 1):
+        raise UserError("--last-docs needs --docs and a count >= 1")
+    if args.rolling and args.reference:
+        raise UserError("--reference is measured on strided windows; drop --rolling")
+    if args.json:
+        check_writable(args.json, flag="--json")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,17 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--reference has a different tokenizer; KL needs the same vocabulary")
         reference.eval()
     ctx = args.ctx or min(1024, model.config.max_position_embeddings)
-    if args.last_docs is not None and (args.docs is None or args.last_docs < 1):
-        raise UserError("--last-docs needs --docs and a count >= 1")
     if args.docs:
-        from phiforge.train.tokenize import read_documents
-
-        docs = list(read_documents(Path(args.data), "text", args.docs))
-        if args.last_docs:
-            if args.last_docs > len(docs):
-                raise UserError(f"--last-docs {args.last_docs}: {args.data} holds only {len(docs)} documents")
-            docs = docs[-args.last_docs:]
-        ids, nbytes = document_stream(tok, docs)
+        ids, nbytes = document_stream(tok, read_last_documents(args.data, args.docs, args.last_docs))
     elif args.max_tokens:  # read and encode only what is scored: a large file would take minutes
         ids, nbytes = encode_prefix(tok, args.data, args.max_tokens)
     else:
@@ -255,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         # as `tokenizer(text)`: Phi-3's leads with <s>
         ids, nbytes = tok.encode(text, add_special_tokens=True), len(text.encode("utf-8"))
     if args.rolling:
-        if reference is not None:
-            raise UserError("--reference is measured on strided windows; drop --rolling")
         if args.max_tokens:
             ids = ids[:args.max_tokens + 1]
             nbytes = None  # a cut stream no longer stands for the whole text's bytes

@@ -161,6 +161,12 @@ def test_documents_rolling_bits_per_byte_equal_the_rule_computed_directly(tmp_pa
         main([str(tmp_path / "m"), "--data", str(data), "--docs", "eot", "--last-docs", "31", "--rolling"])
     with pytest.raises(UserError, match="--last-docs needs --docs"):
         main([str(tmp_path / "m"), "--data", str(data), "--last-docs", "3"])
+    # argument mistakes are caught before any model is loaded (the model path here does not exist)
+    (tmp_path / "afile").write_text("x")
+    for bad, message in ((["--rolling", "--reference", "r"], "drop --rolling"),
+                         (["--json", str(tmp_path / "afile" / "r.json")], "afile is a file")):
+        with pytest.raises(UserError, match=message):
+            main([str(tmp_path / "missing-model"), "--data", str(data), *bad])
 
 
 def test_cli_on_a_bos_tokenizer_equals_transformers_over_the_same_windows(tmp_path, trained_tokenizer, capsys):

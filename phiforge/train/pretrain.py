@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phiforge.perplexity import document_stream, evaluate_rolling
+from phiforge.perplexity import document_stream, evaluate_rolling, read_last_documents
 from phiforge.train import all_reduce_mean, cleanup_distributed, init_distributed, wrap_model
 from phiforge.train.config import format_config, resolve_config, save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
@@ -368,11 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     tok_dir = cfg.tokenizer if cfg.tokenizer else str(Path(source_dirs[names[0]]) / "tokenizer")
     tokenizer = Tokenizer.from_folder(tok_dir)
     if heldout:
-        from phiforge.train.tokenize import read_documents
         spec = heldout["spec"]
-        docs = list(read_documents(Path(spec["data"]), "text", spec.get("docs", "eot")))
-        if spec.get("last_docs"):
-            docs = docs[-int(spec["last_docs"]):]
+        docs = read_last_documents(spec["data"], spec.get("docs", "eot"), spec.get("last_docs"))
         heldout["ids"], heldout["bytes"] = document_stream(tokenizer, docs)
     ids = {"vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": tokenizer.bos_id or 0,
            "pad_token_id": tokenizer.pad_id}
