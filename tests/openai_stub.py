@@ -66,7 +66,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         stub: OpenAIStub = self.server.stub
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        try:  # a client killed mid-request leaves a torn body: answer 400, as a real server would
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            prompt = body["messages"][-1]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return self._send(400, {"error": {"message": "malformed request"}})
         fault = stub._next_fault()
         if fault == "429":
             return self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
@@ -78,7 +82,6 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(stub.delay)
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._send(404, {"error": {"message": "not found"}})
-        prompt = body["messages"][-1]["content"]
         content = reply_for(prompt)
         self._send(200, {
             "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
