@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from phiforge.checkpoint import build_model  # noqa: E402
 from phiforge.generate import GenerationConfig, stream_generate  # noqa: E402
-from phiforge.model import Phi3Config  # noqa: E402
+from phiforge.models import config_from_name  # noqa: E402
+from phiforge.models.phi3 import Phi3Config  # noqa: E402
 
 
 def hf_twin(cfg: Phi3Config, dtype: torch.dtype, fill_seed: int = 0):
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, torch {torch.__version__}", flush=True)
 
-    hf, ours = hf_twin(Phi3Config.from_name("small-20m"), torch.float32)
+    hf, ours = hf_twin(config_from_name("small-20m"), torch.float32)
     print(f"(a) small-20m fp32, {ours.num_params() / 1e6:.1f}M parameters, greedy, {args.new_tokens} new tokens",
           flush=True)
     ratio_a = measure("a", hf, ours, args.prompt_len, args.new_tokens, args.repeats, False)
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
               f"{mem_available_gb():.1f} GB available")
     else:
         t = time.perf_counter()
-        hf, ours = hf_twin(Phi3Config.from_name("phi-3-mini-4k"), torch.bfloat16)
+        hf, ours = hf_twin(config_from_name("phi-3-mini-4k"), torch.bfloat16)
         print(f"(b) phi-3-mini-shaped bf16, {ours.num_params() / 1e9:.2f}B parameters (built in "
               f"{time.perf_counter() - t:.0f} s), greedy, {args.large_new_tokens} new tokens", flush=True)
         measure("b", hf, ours, 32, args.large_new_tokens, 1, False)

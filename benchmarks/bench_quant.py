@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from phiforge.generate import compiled_cache_len, decode_one_token, prefill
-from phiforge.model import KVCache, Phi3, Phi3Config, RotaryEmbedding
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import KVCache, Phi3, Phi3Config, RotaryEmbedding
 from phiforge.quant import Int4Linear, _set_module, quantize_int4
 from phiforge.utils import llama_cpp_bin
 
@@ -197,7 +198,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = Phi3Config.from_name("phi-3-mini-4k").replace(num_hidden_layers=args.layers)
+    cfg = config_from_name("phi-3-mini-4k", num_hidden_layers=args.layers)
     print(f"phi-3-mini shape, {args.layers} layers, random int4 weights (symmetric, group 32 = Q4_0), {args.threads} "
           f"threads, prompt {args.prompt} tokens, {args.decode} decode steps")
     model = build_int4(cfg, 32)

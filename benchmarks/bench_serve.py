@@ -33,17 +33,19 @@ PROMPTS = ["Once upon a time", "The quick brown fox", "def add(a, b):", "Tom and
 
 def make_model(folder: Path, preset: str) -> None:
     """A random model of `preset`'s shape with a BPE tokenizer trained on this repository's Python sources."""
+    import dataclasses
+
     import torch
 
     from phiforge.checkpoint import build_model, save_hf_folder
-    from phiforge.model import Phi3Config
+    from phiforge.models import config_from_name
     from phiforge.tokenizer import train_bpe
 
     texts = [p.read_text(errors="replace") for p in sorted((ROOT / "phiforge").rglob("*.py"))]
-    cfg = Phi3Config.from_name(preset)
+    cfg = config_from_name(preset)
     tok = train_bpe(texts, vocab_size=min(cfg.vocab_size, 4096))
-    cfg = cfg.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
-                      pad_token_id=tok.pad_id)
+    cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
+                              pad_token_id=tok.pad_id)
     torch.manual_seed(0)
     model = build_model(cfg)
     save_hf_folder(model.eval(), folder, tok)

@@ -11,9 +11,9 @@ phiforge's fastest configuration against transformers at the same precision: bf1
 --dtypes or --no-compile say otherwise; the lines before it give every other ratio, fp32 included.
 
 The step is what `phiforge pretrain` runs: forward with the LM head fused into the loss
-(phiforge.train.losses.linear_cross_entropy), backward, gradient
+(phiforge.models.loss.linear_cross_entropy), backward, gradient
 clipping, AdamW from phiforge.train.schedule.make_optimizer. The reference gets the same optimizer and the same
-loss formula (its logits through phiforge.train.losses.cross_entropy = F.cross_entropy).
+loss formula (its logits through phiforge.models.loss.cross_entropy = F.cross_entropy).
 Last line: `bench_train: <ratio>x vs transformers (goal >= 1.2x)`, ratio = phiforge tokens/s / transformers'.
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from phiforge.checkpoint import build_model  # noqa: E402
-from phiforge.model import Phi3Config  # noqa: E402
-from phiforge.train.losses import cross_entropy  # noqa: E402
+from phiforge.models import config_from_name  # noqa: E402
+from phiforge.models.phi3 import Phi3Config  # noqa: E402
+from phiforge.models.loss import cross_entropy  # noqa: E402
 from phiforge.train.schedule import make_optimizer  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
 def measure(args, dtype: str) -> dict[str, float]:
     """Median tokens/s of each runner at one precision."""
 
-    cfg = Phi3Config.from_name(args.preset).replace(
+    cfg = config_from_name(args.preset, 
         hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3 // 64 * 64), num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
         max_position_embeddings=max(args.seq, 1024), original_max_position_embeddings=max(args.seq, 1024))

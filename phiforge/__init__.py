@@ -16,14 +16,14 @@ def load(path_or_preset: str, dtype="float32", device: str = "cpu", seed: int = 
     Returns (model, tokenizer); tokenizer is None for a preset or a folder without tokenizer files."""
     import torch
 
+    from phiforge import models
     from phiforge.checkpoint import build_model, load_hf_folder, resolve_dtype
-    from phiforge.model import PRESETS, Phi3Config
     from phiforge.tokenizer import Tokenizer
 
     dtype = resolve_dtype(dtype)
-    if path_or_preset in PRESETS and not Path(path_or_preset).exists():
+    if path_or_preset in models.presets() and not Path(path_or_preset).exists():
         torch.manual_seed(seed)
-        model = build_model(Phi3Config.from_name(path_or_preset), dtype, device, init=False)
+        model = build_model(models.config_from_name(path_or_preset), dtype, device, init=False)
         model.init_weights(seed=seed)
         return model.to(dtype).eval(), None
     folder = Path(path_or_preset)

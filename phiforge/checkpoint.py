@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from phiforge.model import Phi3, Phi3Config
+from phiforge import models
 from phiforge.utils import UserError, atomic_write_json, normal_mode, progress
 
 LOAD_BAR_BYTES = 256 << 20  # models at least this big show a loading bar
@@ -72,7 +72,7 @@ def _did_you_mean(p: Path) -> str:
     return f" (did you mean {parent / close[0] if str(p.parent) != '.' else close[0]}?)" if close else ""
 
 
-def read_config(folder: Path) -> Phi3Config:
+def read_config(folder: Path):
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise UserError(f"{folder} has no config.json")
@@ -84,7 +84,7 @@ def read_config(folder: Path) -> Phi3Config:
                            "num_attention_heads") if k not in hf]
     if missing:
         raise UserError(f"{cfg_path} lacks {', '.join(missing)}")
-    return Phi3Config.from_hf(hf)
+    return models.config_from_hf(hf)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -132,12 +132,12 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_shapes(cfg: Phi3Config, shapes: dict[str, tuple], source: str, expected: dict | None = None) -> None:
+def check_shapes(cfg, shapes: dict[str, tuple], source: str, expected: dict | None = None) -> None:
     """Every tensor the config needs (or `expected` lists: a quantized layout) is present with the right shape, and
     nothing else is: else one clear error naming the tensor and both shapes."""
     if expected is None:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in Phi3(cfg).state_dict().items()}
+            expected = {k: tuple(v.shape) for k, v in models.build(cfg).state_dict().items()}
     expected = dict(expected)
     shapes = {k: tuple(v) for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:  # tied models may still carry a copy of lm_head; the embedding is the truth
@@ -178,7 +178,7 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
                             "run? an fp16 overflow?): load an earlier checkpoint")
 
 
-def check_and_assign(model: Phi3, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> None:
+def check_and_assign(model, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> None:
     check_shapes(model.config, {k: v.shape for k, v in state.items()}, source)
     state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     check_finite(state, source)  # after the cast: a value beyond fp16's range becomes Inf there
@@ -186,22 +186,23 @@ def check_and_assign(model: Phi3, state: dict[str, torch.Tensor], dtype: torch.d
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.head.weight = model.embed.weight
 
 
-def build_model(cfg: Phi3Config, dtype=torch.float32, device="cpu", init: bool = True) -> Phi3:
+def build_model(cfg, dtype=torch.float32, device="cpu", init: bool = True):
+    """A Model of cfg's family, its memory allocated on `device` but not filled unless `init`."""
     with torch.device("meta"):
-        model = Phi3(cfg)
+        model = models.build(cfg)
     model.to_empty(device=device)
-    model.rotary = type(model.rotary)(cfg).to(device)  # buffers computed, not loaded
+    model.init_buffers()  # computed tables (rotary), not loaded
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.head.weight = model.embed.weight
     if init:
         model.init_weights()
     return model.to(dtype)
 
 
-def load_hf_folder(folder: str | os.PathLike, dtype=torch.float32, device="cpu") -> Phi3:
+def load_hf_folder(folder: str | os.PathLike, dtype=torch.float32, device="cpu"):
     folder = resolve_path(str(folder))
     cfg = read_config(folder)
     model = build_model(cfg, dtype, device, init=False)
@@ -209,7 +210,7 @@ def load_hf_folder(folder: str | os.PathLike, dtype=torch.float32, device="cpu")
     return model.to(device).eval()
 
 
-def save_hf_folder(model: Phi3, folder: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 4 << 30,
+def save_hf_folder(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 4 << 30,
                    dtype: torch.dtype | None = None) -> Path:
     """Write an HF model folder that transformers and phiforge both load. Each file is written atomically."""
     folder = Path(folder)

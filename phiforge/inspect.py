@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from phiforge.model import PRESETS, Phi3Config
+from phiforge import models
 from phiforge.utils import ArgumentParser, UserError
 
 SAMPLE = [{"role": "system", "content": "You are a helpful assistant."},
@@ -17,7 +17,7 @@ SAMPLE = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "And 3 + 3?"}]
 
 
-def describe(cfg: Phi3Config) -> dict:
+def describe(cfg) -> dict:
     n = cfg.num_params()
     return {
         "config": {k: v for k, v in cfg.to_hf().items() if k not in ("rope_scaling",)},
@@ -37,13 +37,13 @@ def describe(cfg: Phi3Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="phiforge inspect", description=__doc__.splitlines()[0])
-    ap.add_argument("model", help=f"model folder, Hub repo id, or preset ({', '.join(PRESETS)})")
+    ap.add_argument("model", help=f"model folder, Hub repo id, or preset ({', '.join(models.presets())})")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = ap.parse_args(argv)
 
     tok, qc = None, None
-    if args.model in PRESETS and not Path(args.model).exists():
-        cfg = Phi3Config.from_name(args.model)
+    if args.model in models.presets() and not Path(args.model).exists():
+        cfg = models.config_from_name(args.model)
     else:
         from phiforge.checkpoint import read_config, resolve_path
         from phiforge.tokenizer import Tokenizer

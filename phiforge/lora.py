@@ -3,7 +3,7 @@
     y = base(x) + (alpha / r) * B(A(dropout(x)))      A: (r, in) Kaiming-uniform,  B: (out, r) zeros
 
 `apply_lora(model, targets)` swaps the named projections (default: qkv_proj, o_proj, gate_up_proj, down_proj) for
-`LoRALinear`s after the model is built, so model.py never mentions adapters. The base may be any module mapping
+`LoRALinear`s after the model is built, so the model files never mention adapters. The base may be any module mapping
 x -> y with `in_features`/`out_features` (nn.Linear or a quantized linear: LoRA over a 4-bit base is QLoRA).
 `disable_adapters(model)` gives the base model back for the LoRA-DPO reference without a second copy (torchtune
 `disable_adapter`). `merge_lora(model)` folds B @ A into the base weights.

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization as a module swap after the model is built (model.py never mentions it).
+"""Weight-only int8 / int4 quantization as a module swap after the model is built (the model files never mention it).
 
     phiforge quantize runs/demo/final --bits 4 --group-size 32 --out runs/demo/int4
     phiforge quantize runs/demo/final --bits 4 --group-size 32 --method gptq --calib corpus.txt --out runs/demo/gptq
@@ -586,10 +586,10 @@ def read_quant_config(folder) -> dict:
 def quantized_shapes(cfg, qc: dict) -> dict[str, tuple]:
     """Tensor name -> shape of the model.safetensors save_quantized writes for this config and quant_config, built
     on the meta device (no memory), so `inspect` can check a quantized folder from its headers alone."""
-    from phiforge.model import Phi3
+    from phiforge import models
 
     with torch.device("meta"):
-        model = Phi3(cfg)
+        model = models.build(cfg)
         for name, spec in qc["modules"].items():
             try:
                 _set_module(model, name, _empty_module(spec, model.get_submodule(name)))

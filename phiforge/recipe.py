@@ -155,8 +155,8 @@ def resolve(args) -> dict:
 
 def check_stage_sections(cfg: dict) -> None:
     """Check the pretrain/sft/dpo sections against those stages' config classes (keys and value types) and
-    pretrain.model_args against Phi3Config, so a typo (pretrain.max_step) fails now, not after six stages."""
-    from phiforge.model import Phi3Config
+    pretrain.model_args against the model's config class, so a typo (pretrain.max_step) fails now, not after six stages."""
+    from phiforge import models
     from phiforge.train.config import apply_settings
     from phiforge.train.dpo import DPOConfig
     from phiforge.train.pretrain import PretrainConfig
@@ -169,7 +169,7 @@ def check_stage_sections(cfg: dict) -> None:
             if key not in known:
                 raise unknown_key(key, known, f"{section}.")
         apply_settings(cls(), settings, f"recipe section {section}")  # value types
-    known = [f.name for f in dataclasses.fields(Phi3Config)]
+    known = [f.name for f in dataclasses.fields(models.config_from_name(cfg["pretrain"].get("model", PretrainConfig.model)))]
     for key in cfg["pretrain"].get("model_args") or {}:
         if key not in known:
             raise unknown_key(key, known, "pretrain.model_args.")
@@ -572,7 +572,7 @@ def _json(path: Path) -> dict:
 
 
 def collect_metrics(ctx: Ctx) -> dict:
-    from phiforge.model import Phi3Config
+    from phiforge import models
 
     m: dict = {"corpus": _json(ctx.data / "corpus.json")}
     dd = _json(ctx.data / "clean" / "clusters.json")
@@ -594,7 +594,7 @@ def collect_metrics(ctx: Ctx) -> dict:
                              "docs": meta.get("train", {}).get("docs")}
     hf = _json(ctx.p("pretrain", "final", "config.json"))
     if hf:
-        mc = Phi3Config.from_hf(hf)
+        mc = models.config_from_hf(hf)
         m["model"] = {"parameters": mc.num_params(), "hidden_size": mc.hidden_size, "layers": mc.num_hidden_layers,
                       "heads": mc.num_attention_heads, "vocab_size": mc.vocab_size}
     recs = _jsonl(ctx.p("pretrain", "metrics.jsonl"))

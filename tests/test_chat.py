@@ -14,7 +14,8 @@ import torch
 from phiforge import load
 from phiforge.checkpoint import save_hf_folder
 from phiforge.generate import generate
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,7 @@ def chat_model(trained_tokenizer, tmp_path_factory):
     tok = trained_tokenizer
     # Wide enough that a 3000-token answer takes seconds even on an idle machine: the Ctrl-C tests must interrupt
     # an answer still being written (with the 64-wide preset, 1000 tokens could finish before the signal landed).
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                                bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
                                                hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                                                max_position_embeddings=4096, original_max_position_embeddings=4096)

@@ -6,13 +6,14 @@ import os
 from phiforge.checkpoint import build_model
 from phiforge.data import synth
 from phiforge.data.io import read_jsonl
-from phiforge.model import Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3Config
 from phiforge.serve import start_background
 
 
 def test_synth_against_phiforge_serve(tmp_path, trained_tokenizer):
     tok = trained_tokenizer
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                                bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
                                                max_position_embeddings=4096, original_max_position_embeddings=4096)
     model = build_model(cfg).eval()

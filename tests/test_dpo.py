@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from phiforge.checkpoint import load_hf_folder, save_hf_folder
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.train import dpo
 from phiforge.train.chat_data import build_pairs, parse_hh, to_preference
 
@@ -35,7 +36,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
 def base_model(tmp_path_factory, trained_tokenizer):
     folder = tmp_path_factory.mktemp("dpo_base")
     tok = trained_tokenizer
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                                pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
     torch.manual_seed(0)
     model = Phi3(cfg)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from phiforge.checkpoint import save_hf_folder
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.train import dpo, sft
 from phiforge.utils import shared_dir
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.needs_shared,
 
 def test_pretrain_sft_dpo_on_shared_data(tmp_path):
     from phiforge.tokenizer import train_bpe
-    from phiforge.train.losses import cross_entropy
+    from phiforge.models.loss import cross_entropy
 
     data = SHARED / "data"
     alpaca = json.loads((data / "sft" / "alpaca_en_demo.json").read_text())
@@ -38,7 +39,7 @@ def test_pretrain_sft_dpo_on_shared_data(tmp_path):
 
     # a small "pretrained" model: a few steps of plain LM on the text
     torch.manual_seed(0)
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                                pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
     model = Phi3(cfg)
     model.init_weights(seed=0)

@@ -22,12 +22,13 @@ ASSETS = Path(__file__).parent / "assets" / "eval"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from phiforge.checkpoint import build_model, save_hf_folder
-    from phiforge.model import Phi3Config
+    from phiforge.models import config_from_name
+    from phiforge.models.phi3 import Phi3Config
     from phiforge.tokenizer import train_bpe
 
     texts = [line for f in ASSETS.glob("data/**/*.jsonl") for line in f.read_text().splitlines()] * 3
     tok = train_bpe(texts, vocab_size=420)
-    cfg = Phi3Config.from_name("tiny").replace(max_position_embeddings=1024, original_max_position_embeddings=1024)
+    cfg = config_from_name("tiny", max_position_embeddings=1024, original_max_position_embeddings=1024)
     torch.manual_seed(0)
     model = build_model(cfg, init=False)
     model.init_weights(seed=0)
@@ -448,9 +449,9 @@ def test_longrope_sequences_are_scored_like_single_forwards(lm):
     forward of that sequence alone would use (transformers' rule), including through the prefix cache."""
     from phiforge.checkpoint import build_model
     from phiforge.eval.lm import LocalLM
-    from phiforge.model import Phi3Config
+    from phiforge.models.phi3 import Phi3Config
 
-    cfg = Phi3Config.from_name("tiny-128k").replace(vocab_size=lm.tok.vocab_size)
+    cfg = config_from_name("tiny-128k", vocab_size=lm.tok.vocab_size)
     model = build_model(cfg, init=False)
     model.init_weights(seed=1)
     long_lm = LocalLM(model, lm.tok, batch_size=4, min_shared_prefix=4)

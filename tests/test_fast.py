@@ -61,9 +61,10 @@ def test_swap_keeps_weights_and_falls_back_outside_the_kernel():
 @pytest.mark.parametrize("compile", [False, True])
 def test_bf16_decode_with_the_kernel_matches_the_plain_model(compile):
     from phiforge.generate import GenerationConfig, generate
-    from phiforge.model import Phi3, Phi3Config
+    from phiforge.models import config_from_name
+    from phiforge.models.phi3 import Phi3, Phi3Config
     torch.manual_seed(0)
-    plain = Phi3(Phi3Config.from_name("tiny-gqa"))
+    plain = Phi3(config_from_name("tiny-gqa"))
     plain.init_weights(seed=0)
     plain = plain.bfloat16().eval()
     fast = Phi3(plain.config).bfloat16().eval()

@@ -12,13 +12,14 @@ from phiforge import load
 from phiforge.checkpoint import save_hf_folder
 from phiforge.generate import (BatchState, GenerationConfig, IncrementalDetokenizer, StopStringFilter, generate,
                                main, make_penalty_processor, make_sampler, stream_generate)
-from phiforge.model import Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3Config
 from phiforge.utils import UserError
 
 
 def reference_pair(preset, tmp_path):
     """transformers' tiny random model and the same weights loaded by phiforge."""
-    cfg = Phi3Config.from_name(preset)
+    cfg = config_from_name(preset)
     ref = hf_model(cfg)
     ref.save_pretrained(tmp_path, safe_serialization=True)
     hf_cfg = json.loads((tmp_path / "config.json").read_text())
@@ -45,9 +46,9 @@ def event_logits(model, ids, **kw):
 def tok_model(trained_tokenizer, tmp_path_factory):
     """A tiny model whose vocabulary is the trained tokenizer's, saved as an HF folder with the tokenizer."""
     tok = trained_tokenizer
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                                bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
-    from phiforge.model import Phi3
+    from phiforge.models.phi3 import Phi3
     torch.manual_seed(0)
     model = Phi3(cfg)
     model.init_weights(seed=0)
@@ -354,7 +355,7 @@ def test_cli_on_a_bos_tokenizer_gives_transformers_greedy_tokens(trained_tokeniz
     from conftest import with_bos_post_processor
 
     tok = with_bos_post_processor(trained_tokenizer)
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     ref = hf_model(cfg)  # no sliding window
     ref.save_pretrained(tmp_path)

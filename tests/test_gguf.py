@@ -10,7 +10,8 @@ gguf = pytest.importorskip("gguf")
 
 from phiforge.export import blocks  # noqa: E402
 from phiforge.export.gguf import GGUF_NAMES, export_gguf, gguf_name  # noqa: E402
-from phiforge.model import Phi3, Phi3Config  # noqa: E402
+from phiforge.models import config_from_name  # noqa: E402
+from phiforge.models.phi3 import Phi3, Phi3Config  # noqa: E402
 from phiforge.utils import UserError  # noqa: E402
 
 QT = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
@@ -49,7 +50,7 @@ def test_our_quantizers_make_the_same_bytes_as_gguf(fmt):
 
 
 def _tiny_model(preset: str, **kw):
-    cfg = Phi3Config.from_name(preset).replace(hidden_size=256, intermediate_size=512, num_attention_heads=16,
+    cfg = config_from_name(preset, hidden_size=256, intermediate_size=512, num_attention_heads=16,
                                                num_key_value_heads=4, **kw)
     torch.manual_seed(0)
     model = Phi3(cfg)

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from phiforge.export.gguf import export_gguf
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.utils import llama_cpp_bin
 
 
@@ -54,7 +55,7 @@ def _token_bytes(tok, ids: list[int]) -> bytes:
 
 
 def _model(preset: str, vocab_size: int) -> Phi3:
-    cfg = Phi3Config.from_name(preset).replace(vocab_size=vocab_size)
+    cfg = config_from_name(preset, vocab_size=vocab_size)
     model = Phi3(cfg)
     model.init_weights(seed=0)
     with torch.no_grad():  # larger than N(0, 0.02): sharp attention and logits, so that every detail of the

@@ -5,14 +5,15 @@ import torch
 
 from conftest import hf_model
 from phiforge.checkpoint import build_model
-from phiforge.model import Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3Config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.parametrize("preset", ["tiny-4k", "tiny-128k", "tiny-gqa", "tiny-phi4"])
 def test_cuda_logits_match_transformers(preset):
-    cfg = Phi3Config.from_name(preset)
+    cfg = config_from_name(preset)
     ref = hf_model(cfg).cuda()
     ours = build_model(cfg, init=False).cuda()
     ours.load_state_dict(ref.state_dict(), strict=False)
@@ -30,7 +31,7 @@ def test_cuda_logits_match_transformers(preset):
 
 
 def test_cuda_cached_decode_equals_full_forward():
-    cfg = Phi3Config.from_name("tiny-4k")
+    cfg = config_from_name("tiny-4k")
     model = build_model(cfg).cuda().eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 40), device="cuda")
     with torch.no_grad():

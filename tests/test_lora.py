@@ -10,12 +10,13 @@ import torch
 from phiforge.checkpoint import save_hf_folder
 from phiforge.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, disable_adapters, load_adapter, lora_modules,
                            merge_lora, save_adapter)
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 
 
 def tiny_model(seed=0, name="tiny-gqa"):
     torch.manual_seed(seed)
-    m = Phi3(Phi3Config.from_name(name))
+    m = Phi3(config_from_name(name))
     m.init_weights(seed=seed)
     return m.eval()
 

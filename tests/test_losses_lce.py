@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.train.losses import linear_cross_entropy
+from phiforge.models.loss import linear_cross_entropy
 
 
 def _inputs(dtype=torch.float32, N=37, C=24, V=101, seed=0):
@@ -63,9 +63,10 @@ def test_no_grad_and_all_ignored():
 
 
 def test_model_targets_path_equals_logits_path():
-    from phiforge.model import Phi3, Phi3Config
+    from phiforge.models import config_from_name
+    from phiforge.models.phi3 import Phi3, Phi3Config
     torch.manual_seed(0)
-    model = Phi3(Phi3Config.from_name("tiny-gqa"))
+    model = Phi3(config_from_name("tiny-gqa"))
     model.init_weights(seed=0)
     V = model.lm_head.weight.shape[0]
     x = torch.randint(0, V, (2, 16))

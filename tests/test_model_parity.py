@@ -12,7 +12,8 @@ import torch
 from conftest import hf_model
 from phiforge import load
 from phiforge.checkpoint import save_hf_folder
-from phiforge.model import Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3Config
 
 FAMILIES = {
     # preset: lengths that cross the window / original_max_position_embeddings
@@ -34,7 +35,7 @@ def save_reference(ref, cfg, folder):
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_hf_to_phiforge_logits(preset, tmp_path):
-    cfg = Phi3Config.from_name(preset)
+    cfg = config_from_name(preset)
     ref = hf_model(cfg)
     save_reference(ref, cfg, tmp_path)
     model, _ = load(str(tmp_path))
@@ -76,7 +77,7 @@ def test_window_semantics_differ_from_transformers_default(tmp_path):
     from transformers import Phi3ForCausalLM
 
     from conftest import hf_config
-    cfg = Phi3Config.from_name("tiny-4k")
+    cfg = config_from_name("tiny-4k")
     ref = hf_model(cfg)
     save_reference(ref, cfg, tmp_path)
     model, _ = load(str(tmp_path))

@@ -9,14 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from phiforge import quant
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.perplexity import evaluate, main, read_text
 from phiforge.utils import UserError, shared_dir
 
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    m = Phi3(Phi3Config.from_name("tiny"))
+    m = Phi3(config_from_name("tiny"))
     m.init_weights(seed=seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -179,7 +180,7 @@ def test_cli_on_a_bos_tokenizer_equals_transformers_over_the_same_windows(tmp_pa
     from tests.conftest import SAMPLE_TEXT, hf_model, with_bos_post_processor
 
     tok = with_bos_post_processor(trained_tokenizer)
-    ref = hf_model(Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size))  # no sliding window
+    ref = hf_model(config_from_name("tiny", vocab_size=tok.vocab_size))  # no sliding window
     ref.save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
     (tmp_path / "d.txt").write_text(SAMPLE_TEXT * 2)

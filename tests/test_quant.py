@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from phiforge import quant
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.utils import UserError
 
 
@@ -161,7 +162,7 @@ def test_gptq_has_lower_output_error_than_rtn():
 
 
 def _tiny(seed=0, **kw):
-    cfg = Phi3Config.from_name("tiny").replace(**kw) if kw else Phi3Config.from_name("tiny")
+    cfg = config_from_name("tiny", **kw) if kw else config_from_name("tiny")
     torch.manual_seed(seed)
     model = Phi3(cfg)
     model.init_weights(seed=seed)
@@ -205,10 +206,10 @@ def test_load_and_generate_cli_open_a_quantized_folder(tmp_path, trained_tokeniz
 
     from phiforge import load
     from phiforge.checkpoint import build_model
-    from phiforge.model import Phi3Config
+    from phiforge.models.phi3 import Phi3Config
 
     tok = trained_tokenizer
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
     model = build_model(cfg).eval()
     quant.quantize(model, bits=4, group_size=32)
     quant.save_quantized(model, tmp_path / "q", tok)

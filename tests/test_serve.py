@@ -15,7 +15,8 @@ import torch
 from phiforge import load
 from phiforge.checkpoint import save_hf_folder
 from phiforge.generate import GenerationConfig, generate
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.serve import start_background
 from phiforge.tokenizer import SPECIAL_TOKENS
 from phiforge.utils import UserError
@@ -27,7 +28,7 @@ T = 60  # seconds: the bound of every request and wait loop in this file
 @pytest.fixture(scope="module")
 def served_model(trained_tokenizer, tmp_path_factory):
     tok = trained_tokenizer
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                                bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
                                                max_position_embeddings=1024, original_max_position_embeddings=1024)
     torch.manual_seed(0)

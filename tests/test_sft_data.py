@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phiforge.model import Phi3, Phi3Config
+from phiforge.models import config_from_name
+from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.train.chat_data import (IGNORE, SkipReport, build_sft, check_messages, collate, from_alpaca,
                                       from_sharegpt, masked_nll, pack, to_messages, tokenize_sft)
 
@@ -40,7 +41,7 @@ def test_masks_equal_trl_assistant_only_masks(trained_tokenizer, tmp_path):
     assert tok.chat_template == phi3_chat_template  # our template is TRL's Phi-3 template, so TRL patches it
     tok.save(tmp_path / "tok")
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    cfg = Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
                                                eos_token_id=tok.eos_id)
     args = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_length=None, report_to=[],
                      dataset_num_proc=None, use_cpu=True)
@@ -132,7 +133,7 @@ def test_packing_isolates_documents(trained_tokenizer):
     assert mask[b, b - 1].item() is False and mask[b - 1, a].item() is True and mask[a, a + 1].item() is False
 
     torch.manual_seed(0)
-    model = Phi3(Phi3Config.from_name("tiny").replace(vocab_size=tok.vocab_size)).eval()
+    model = Phi3(config_from_name("tiny", vocab_size=tok.vocab_size)).eval()
     model.init_weights(seed=0)
     packed = model(batch["input_ids"], positions=batch["positions"], attn_mask=batch["attn_mask"])
     t = 0

@@ -3,7 +3,7 @@
   config.py    dataclass configs: defaults < YAML < --key value flags; print / save the resolved config
   schedule.py  AdamW construction, warmup+cosine and warmup-stable-decay learning rates (pure functions)
   state.py     exact-resume checkpoints (model, optimizer, RNG, caller meta such as data cursors)
-  losses.py    loss functions
+  (the next-token loss is phiforge/models/loss.py)
   shards.py    the packed token shard format
   (this file)  setting up torch.distributed and wrapping a model for DDP / FSDP2
 """

@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = resume_point(out, args.resume)
 
     # -- model
+    from phiforge import models
     from phiforge.checkpoint import build_model
-    from phiforge.model import Phi3Config
     from phiforge.tokenizer import Tokenizer
 
     tok_dir = cfg.tokenizer if cfg.tokenizer else str(Path(source_dirs[names[0]]) / "tokenizer")
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = {"vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": tokenizer.bos_id or 0,
            "pad_token_id": tokenizer.pad_id}
     try:
-        mcfg = Phi3Config.from_name(cfg.model).replace(**{**ids, **cfg.model_args})
+        mcfg = dataclasses.replace(models.config_from_name(cfg.model), **{**ids, **cfg.model_args})
     except TypeError as e:
         raise UserError(f"model_args: {e}") from None
     if mcfg.vocab_size < vocab_size:
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if mcfg.max_position_embeddings < cfg.seq_len:
         raise UserError(f"seq_len {cfg.seq_len} > max_position_embeddings {mcfg.max_position_embeddings}")
     model = build_model(mcfg, torch.float32, "cpu", init=False)
-    # the one explicit init (model.py), on CPU: its seeded generator is a CPU one, and the initial weights are
+    # the one explicit init (the model file's init_weights), on CPU: its seeded generator is a CPU one, and the initial weights are
     # then the same on every device and rank
     model.init_weights(seed=cfg.seed)
     model.to(device)

@@ -11,12 +11,14 @@ nkv key/value heads, hs head size, V vocab.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phiforge.models.loss import lm_head_loss
 from phiforge.utils import UserError
 
 
@@ -26,6 +28,7 @@ from phiforge.utils import UserError
 
 @dataclass
 class Phi3Config:
+    model_type: ClassVar[str] = "phi3"
     vocab_size: int = 32064
     hidden_size: int = 3072
     intermediate_size: int = 8192
@@ -76,18 +79,11 @@ class Phi3Config:
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_name(cls, name: str) -> "Phi3Config":
-        if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
-
-    @classmethod
     def from_hf(cls, hf: dict) -> "Phi3Config":
         """Read a released Hugging Face config.json (dict)."""
         model_type = hf.get("model_type", "phi3")
         if model_type != "phi3":
-            raise UserError(f"model_type {model_type!r} is not supported yet (phiforge loads the dense 'phi3' "
-                            "family: phi-3-mini/medium, phi-3.5-mini, phi-4-mini)")
+            raise UserError(f"model_type {model_type!r} is not the dense 'phi3' family this file reads")
         scaling = hf.get("rope_scaling")
         if scaling is None and isinstance(hf.get("rope_parameters"), dict):  # transformers 5 spelling
             rp = hf["rope_parameters"]
@@ -131,11 +127,6 @@ class Phi3Config:
             "initializer_range": self.initializer_range, "attention_bias": False, "attention_dropout": 0.0,
             "embd_pdrop": 0.0, "resid_pdrop": 0.0, "use_cache": True, "torch_dtype": "float32",
         }
-
-    def replace(self, **changes) -> "Phi3Config":
-        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        kw.update(changes)
-        return Phi3Config(**kw)
 
     def num_params(self) -> int:
         C, F_, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
@@ -374,6 +365,8 @@ class Phi3Body(nn.Module):
 
 
 class Phi3(nn.Module):
+    lora_targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
     def __init__(self, cfg: Phi3Config):
         super().__init__()
         self.config = cfg
@@ -404,8 +397,25 @@ class Phi3(nn.Module):
             if not self.config.tie_word_embeddings:
                 self.lm_head.weight.normal_(0.0, std, generator=gen)
 
+    # -- the model contract (phiforge/models/__init__.py) -------------------------------------------------------
+    @property
+    def embed(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    @property
+    def head(self) -> nn.Module:
+        return self.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device  # not lm_head: a quantized head has no plain weight tensor
+
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent tables (rotary) on the weights' device: after a meta-device build."""
+        self.rotary = RotaryEmbedding(self.config).to(self.device)
+
     def make_cache(self, batch: int, slots: int, dtype=None, device=None) -> KVCache:
-        p = self.model.norm.weight  # not lm_head: a quantized lm_head has no plain weight tensor
+        p = self.model.norm.weight
         return KVCache(self.config, batch, slots, dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -413,7 +423,7 @@ class Phi3(nn.Module):
                 long_rope: bool | None = None, return_hidden: bool = False, targets: torch.Tensor | None = None,
                 ignore_index: int = -100) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V); with `targets` (B, T, already shifted) -> the mean cross-entropy
-        over targets != ignore_index, the LM head fused into the loss (no (B, T, V) logits; losses.py)."""
+        over targets != ignore_index, the LM head fused into the loss (no (B, T, V) logits; models/loss.py)."""
         B, T = input_ids.shape
         implicit = positions is None  # 0..T-1 for every row: causal without inspecting the tensor (no graph break)
         if implicit:
@@ -451,11 +461,12 @@ class Phi3(nn.Module):
         if return_hidden:
             return x
         if targets is not None:
-            from phiforge.train.losses import cross_entropy, linear_cross_entropy
-            if isinstance(self.lm_head, nn.Linear) and not torch.compiler.is_compiling():  # inductor fuses the plain form
-                return linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index)
-            return cross_entropy(self.lm_head(x), targets, ignore_index)  # a swapped (quantized) head
+            return lm_head_loss(self.lm_head, x, targets, ignore_index)  # no (B, T, V) logits held (loss.py)
         return self.lm_head(x)  # (B, T, V)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# The names the model contract asks for (phiforge/models/__init__.py).
+ModelConfig, Model = Phi3Config, Phi3

@@ -1,8 +1,21 @@
-"""Training losses as small pure functions. One variant per function (SFT and DPO losses are added here too)."""
+"""The next-token loss every model's forward computes with `targets`: plain, and fused with the LM head.
+
+Preference losses (DPO, ...) live in train/pref_losses.py; they start from sequence log-probs (phiforge/scoring.py).
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+
+def lm_head_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """cross_entropy(head(h), targets). A plain Linear head is fused with the loss (linear_cross_entropy); a head
+    that LoRA or quantization swapped in runs its own forward. Under torch.compile the plain form is used too:
+    inductor fuses it itself."""
+    if type(head) is nn.Linear and not torch.compiler.is_compiling():
+        return linear_cross_entropy(h, head.weight, targets, ignore_index)
+    return cross_entropy(head(h), targets, ignore_index)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
