@@ -137,8 +137,9 @@ def compact_row(cache, r: int, keep: torch.Tensor) -> int:
 def prefill_ring(model, view, pos_row: torch.Tensor, tokens: list[int], window: int, chunk: int,
                  long_rope: bool | None) -> torch.Tensor:
     """Sliding-window model, sequence longer than the cache row: prefill chunk by chunk into the row's free slots,
-    evicting keys no later query can see (position < chunk start - window). Exact; the caller compacts the row after.
-    view: the row's CacheView over all its slots; pos_row [S] its positions. Returns fp32 logits [V] of the last token."""
+    evicting keys no later query can see (position < chunk start - window). Exact; the caller compacts the row
+    after. view: the row's CacheView over all its slots; pos_row [S] its positions. Returns fp32 logits [V] of the
+    last token."""
     n, device, h = len(tokens), pos_row.device, None
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)

@@ -3,8 +3,9 @@
 
 Between any two engine steps the thread (1) drops cancelled jobs (client gone) from their rows, (2) admits waiting
 jobs into free rows (BatchState prefills them at the next step while the other rows decode), (3) runs one
-`BatchState.step()` and hands each Event to its job. Sampling, penalties, detokenization and stop strings are the
-engine's (phiforge.sample, phiforge.serve.batch); this module only schedules. Waiting jobs beyond `max_queue` are refused (HTTP 429).
+`BatchState.step()` and hands each Event to its job. Sampling, penalties, detokenization and stop strings are
+phiforge.sample's, batching is phiforge.serve.batch's, log-probs are phiforge.scoring's; this module only schedules.
+Waiting jobs beyond `max_queue` are refused (HTTP 429).
 """
 from __future__ import annotations
 
