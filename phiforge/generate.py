@@ -240,6 +240,7 @@ class _Stream:
 
 def _stream_one(model, tokenizer, prompt: list[int], config: GenerationConfig, max_len: int,
                 compile: bool) -> Iterator[Event]:
+    """The Events of one prompt on a cache of max_len slots: model call, choose, accept, until it finishes."""
     seq = Sequence.start(prompt, config, tokenizer, model.config, model.device, n_decode_skip=1 if compile else 0)
     window = model.config.sliding_window
     if len(seq.prompt_ids) > max_len and window is None:
@@ -251,13 +252,14 @@ def _stream_one(model, tokenizer, prompt: list[int], config: GenerationConfig, m
             if logits is None:
                 return
             tok = seq.choose(logits)
+        # the token would need slot max_len: no window to evict from, so the sequence ends here ("length")
         ev = seq.accept(tok, time.perf_counter(), cache_full=window is None and len(seq.tokens) >= max_len)
         ev.logits = logits
         yield ev
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Layers 2 and 3: stream_generate and generate
+# Layers 2 and 3: stream_generate (one stream, or a batch of prompts) and generate
 
 
 def _as_config(config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:

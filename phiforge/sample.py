@@ -297,9 +297,11 @@ class Sequence:
             x = p(x, self.context_counts, self.generated_counts)
         return int(self.sampler(x, self.generator)[0])
 
-    def accept(self, tok: int, now: float, cache_full: bool = False) -> Event:
-        """Append a chosen token; returns its Event (text delta, finish reason). cache_full: no slot is left to feed
-        the token to the model, so the sequence ends with "length"."""
+    def accept(self, tok: int, now: float | None = None, cache_full: bool = False) -> Event:
+        """Append a chosen token; returns its Event (text delta, finish reason). now: when it was chosen (one clock
+        reading for a whole batch step); cache_full: no slot is left to feed the token to the model, so the sequence
+        ends with "length"."""
+        now = time.perf_counter() if now is None else now
         if self.t_first is None:
             self.t_first = now
         if len(self.generated) == self.n_decode_skip:  # decode speed is timed from here (after any warm-up step)
