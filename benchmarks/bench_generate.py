@@ -25,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from phiforge.checkpoint import build_model  # noqa: E402
-from phiforge.generate import GenerationConfig, stream_generate  # noqa: E402
+from phiforge.fast import prepare_for_inference  # noqa: E402
+from phiforge.generate import stream_generate  # noqa: E402
+from phiforge.sample import GenerationConfig  # noqa: E402
 from phiforge.models import config_from_name  # noqa: E402
 from phiforge.models.phi3 import Phi3Config  # noqa: E402
 
@@ -62,7 +64,7 @@ def hf_twin(cfg: Phi3Config, dtype: torch.dtype, fill_seed: int = 0):
     ours.load_state_dict({k: v for k, v in hf.state_dict().items() if "rotary" not in k}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         ours.lm_head.weight = ours.model.embed_tokens.weight
-    return hf, ours.eval()
+    return hf, prepare_for_inference(ours.eval())  # the load-time kernel step `phiforge generate` takes
 
 
 class _Clock:

@@ -1,4 +1,9 @@
-"""bf16 decode on CPU: plain bf16 Linears swapped for `Bf16Linear`, which sends the few rows of a decode step to our
+"""Load-time kernel choices for inference: `prepare_for_inference(model)`, and the bf16 CPU decode kernel it swaps in.
+
+The CLIs (`generate`, `chat`), the server and eval's generation call `prepare_for_inference` once after loading; the
+engine (phiforge.generate, phiforge.serve.batch) never changes a model as a side effect.
+
+bf16 decode on CPU: plain bf16 Linears swapped for `Bf16Linear`, which sends the few rows of a decode step to our
 AVX2 kernel (phiforge/kernels/bf16_mv.cpp) and everything else to aten.
 
 Why: a decode step is a weight stream, and aten's bf16 GEMV on CPU streams weights at about half the bandwidth of
@@ -48,3 +53,16 @@ def use_bf16_kernel(model: nn.Module) -> int:
     for m in targets:
         m.__class__ = Bf16Linear
     return len(targets)
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Make the load-time kernel choices for decoding, in place, and return the model:
+    1. bf16 weights on CPU: plain Linears become Bf16Linear (use_bf16_kernel; a no-op without the kernel);
+    2. every submodule with a `prepare_for_inference()` method of its own (a quantized Linear that re-lays out its
+       weights for its kernel, e.g. int4 tiling) gets it called now rather than at its first forward.
+    Idempotent. Training is unaffected: the swapped modules fall back to aten under autograd."""
+    use_bf16_kernel(model)
+    for m in model.modules():
+        if m is not model and callable(getattr(m, "prepare_for_inference", None)):
+            m.prepare_for_inference()
+    return model

@@ -1,4 +1,4 @@
-"""Inference engine: static KV cache, exact LongRoPE, sampling, streaming, batching; `phiforge generate`.
+"""Single-stream inference: static KV cache, exact LongRoPE, optional torch.compile, streaming; `phiforge generate`.
 
     phiforge generate runs/demo/final --prompt "Once upon a time" --max-new-tokens 64
     phiforge generate microsoft/Phi-3-mini-4k-instruct --chat --prompt "Hi!" --temperature 0.7 --seed 1 --dtype bfloat16
@@ -7,30 +7,16 @@
 Layers, small to large (each one calls only the one below it):
 
 1. `prefill(model, ...)` / `decode_one_token(model, ...)`: one model call over a static `KVCache` (or a row/slot view
-   of it), returning fp32 next-token logits.
-2. `BatchState`: the mutable state of a batch of sequences sharing one preallocated cache. Each sequence owns a cache
-   *row*; all rows share a slot *cursor* (the slot the next decode step writes). The attention mask comes from the
-   positions stored per slot (model.KVCache), so rows of different lengths, gaps left by padding, compaction and
-   re-prefills are all exact. `step()` runs one engine step and returns `Event`s.
-3. `stream_generate(model, tokenizer, prompts, config)`: a generator of `Event`s (token id, text delta, finish reason).
-4. `generate(...)`: the final `GenerationResult`s.  5. `main(argv)`: the CLI.  `phiforge chat` and the server call 3/2.
+   of it, `CacheView`), returning fp32 next-token logits. `compact_row` and `prefill_ring` keep a sliding-window
+   model exact in a cache shorter than its sequence. Continuous batching (phiforge.serve.batch) is built on these too.
+2. `stream_generate(model, tokenizer, prompts, config)`: a generator of `Event`s (token id, text delta, finish
+   reason). One prompt runs the single-stream loop below (one cache row, no batching); a list of prompts runs as one
+   batch on `serve.batch.BatchState`, whose rows give exactly the tokens of the prompts run one at a time.
+3. `generate(...)`: the final `GenerationResult`s.  4. `main(argv)`: the CLI.  `phiforge chat` calls 2.
 
-Batch/slot API for a server (continuous batching). Sequences can be added and removed between decode steps:
-
-    state = BatchState(model, tokenizer, max_batch=8, max_len=4096)
-    seq = state.add(prompt_ids, GenerationConfig(max_new_tokens=128, temperature=0.7, seed=3), tag=request_id)
-    while state.active():                     # add()/remove() may be called between any two steps
-        for ev in state.step():               # ev.seq.tag tells which request; ev.text is the delta
-            send(ev.seq.tag, ev.token_id, ev.text, ev.finish_reason)
-    state.remove(seq)                         # cancel: frees its row now (finished rows are freed automatically)
-
-`add` raises `BatchFull` when all rows are busy; `state.free_rows()` says how many are left. A sequence added
-between steps is prefilled at the next `step()` (pending rows are prefilled together, chunked by
-`GenerationConfig.prefill_chunk`) while the other rows decode. When the shared cursor reaches the end of the cache,
-the cache is compacted (each row's live slots move to the front, in position order); for sliding-window models the
-keys that no future query can see (position < next - window) are evicted at the same time, so a windowed model runs
-exactly with a cache of window + prefill-chunk slots. A sequence whose own length exceeds the cache ends with
-finish_reason "length".
+Sampling, penalties, detokenization and stop strings are phiforge.sample's (`Sequence.choose` / `Sequence.accept`).
+Kernel swaps (bf16 GEMV on CPU, int4 tiling) are a load-time step, `phiforge.fast.prepare_for_inference(model)`,
+that the CLIs and the server call; this module never changes the model.
 
 LongRoPE policies (`GenerationConfig.rope_policy`), for models with rope_scaling (short/long factor sets):
 
@@ -42,206 +28,22 @@ LongRoPE policies (`GenerationConfig.rope_policy`), for models with rope_scaling
 * "fixed": the factors are chosen once from the maximum length (prompt + max_new_tokens) and never change: no
   re-prefill, but a sequence that ends up short was run with long factors, which differs from transformers and from a
   full forward pass of the shorter sequence.
-
-Rows whose regimes differ in one step are run in separate model calls, so a batch gives exactly the tokens of the
-sequences run one at a time.
-
-Samplers and logits processors are plain callables: `sampler(logits [B, V] fp32, generator) -> ids [B]` (see
-`make_sampler`), `processor(logits [B, V], context_counts [B, V], generated_counts [B, V]) -> logits` (see
-`make_penalty_processor`). Order: processors (penalties) -> temperature -> top-k -> top-p -> min-p -> draw.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Sequence as Seq
+from dataclasses import replace
+from typing import Iterator
 
 import torch
 
-from phiforge.fast import use_bf16_kernel
+from phiforge.fast import prepare_for_inference
+from phiforge.sample import Event, GenerationConfig, Sequence
 from phiforge.utils import ArgumentParser, UserError
 
-Sampler = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
-Processor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration, events, results
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # CTRL/transformers: divides positive logits of tokens in prompt + output
-    presence_penalty: float = 0.0  # OpenAI: minus this for tokens already generated
-    frequency_penalty: float = 0.0  # OpenAI: minus this times the count of each generated token
-    seed: int | None = None  # per-sequence generator: same seed -> same tokens (alone or batched)
-    stop_ids: Iterable[int] | None = None  # None -> tokenizer.stop_ids (or the config's eos without a tokenizer)
-    stop_strings: Seq[str] = ()  # never printed; caught across token boundaries
-    rope_policy: str = "dynamic"  # "dynamic" (= transformers) or "fixed" (see module docstring)
-    prefill_chunk: int = 512
-    skip_special_tokens: bool = True  # in the text deltas
-    extra_processors: Seq[Processor] = ()
-
-    def __post_init__(self):
-        if self.rope_policy not in ("dynamic", "fixed"):
-            raise UserError(f"rope_policy must be 'dynamic' or 'fixed', not {self.rope_policy!r}")
-        if self.max_new_tokens < 1:
-            raise UserError("max_new_tokens must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1 or self.top_k < 0:
-            raise UserError("need temperature >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, top_k >= 0")
-        if self.repetition_penalty <= 0:
-            raise UserError("repetition_penalty must be > 0 (1.0 = off)")
-        if self.prefill_chunk < 1:
-            raise UserError("prefill_chunk must be >= 1")
-
-
-@dataclass
-class Event:
-    """One generated token of one sequence. `text` is the printable delta (may be "" while a multi-byte character or
-    a possible stop string is held back). `finish_reason` is None, "stop" (stop id or stop string) or "length"."""
-    seq: "Sequence"
-    token_id: int
-    text: str
-    finish_reason: str | None = None
-    logits: torch.Tensor | None = None  # fp32 [V] next-token logits this token was drawn from (before processors)
-
-    @property
-    def index(self) -> int:
-        return self.seq.index
-
-
-@dataclass
-class GenerationResult:
-    prompt_ids: list[int]
-    token_ids: list[int]  # generated ids, including a final stop id if one ended the sequence
-    text: str
-    finish_reason: str
-    ttft_s: float = 0.0  # time to first token
-    decode_tokens_per_s: float = 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Samplers and processors (plain callables)
-
-
-def greedy(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    return logits.argmax(dim=-1)
-
-
-def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Sampler:
-    """`sampler(logits [B, V], generator=None) -> ids [B]`. temperature 0 is greedy (argmax)."""
-    if temperature <= 0:
-        return greedy
-
-    def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        logits = logits.float() / temperature
-        if top_k and top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # keep the smallest prefix reaching top_p
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        if min_p > 0.0:
-            probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-    return sample
-
-
-def make_penalty_processor(repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                           frequency_penalty: float = 0.0) -> Processor | None:
-    """`processor(logits, context_counts, generated_counts) -> logits`; None when all penalties are off.
-    context_counts count prompt + generated tokens, generated_counts only the generated ones."""
-    if repetition_penalty == 1.0 and presence_penalty == 0.0 and frequency_penalty == 0.0:
-        return None
-
-    def penalize(logits: torch.Tensor, context_counts: torch.Tensor, generated_counts: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if repetition_penalty != 1.0:
-            seen = context_counts > 0
-            scaled = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-            logits = torch.where(seen, scaled, logits)
-        if presence_penalty:
-            logits = logits - presence_penalty * (generated_counts > 0).float()
-        if frequency_penalty:
-            logits = logits - frequency_penalty * generated_counts.float()
-        return logits
-
-    return penalize
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text: incremental detokenization and stop strings
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into text deltas. Decodes a short window of ids and emits only text that is
-    complete: a delta never ends in half a UTF-8 character (the U+FFFD the decoder makes for a partial one), and
-    context-dependent spacing (SentencePiece) is right because the window starts a few tokens back."""
-
-    def __init__(self, tokenizer, prompt_ids: Seq[int] = (), skip_special_tokens: bool = True):
-        self.tok, self.skip = tokenizer, skip_special_tokens
-        self.ids = [int(i) for i in list(prompt_ids)[-4:]]
-        self.prefix, self.read = 0, len(self.ids)
-
-    def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=self.skip)
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        before = self._decode(self.ids[self.prefix:self.read])
-        now = self._decode(self.ids[self.prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            delta = now[len(before):]
-            self.ids = self.ids[self.read:]  # keep only the new window
-            self.prefix, self.read = 0, len(self.ids)
-            return delta
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (at the end of generation), even an incomplete character."""
-        before = self._decode(self.ids[self.prefix:self.read])
-        now = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before):] if len(now) > len(before) else ""
-
-
-class StopStringFilter:
-    """Holds back text that may be the start of a stop string; reports when one appears (it is never emitted)."""
-
-    def __init__(self, stop_strings: Seq[str]):
-        self.stops = [s for s in stop_strings if s]
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return buf[:min(hits)], True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:n]):
-                    keep = n
-                    break
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
+DECODE_BUCKET = 64  # a decode step attends to slots [0, cursor + 1) rounded up to a multiple of this
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,7 +87,7 @@ def prefill(model, input_ids: torch.Tensor, positions: torch.Tensor, cache, slot
         hidden.append(h)
     h = torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0]
     last = h[torch.arange(B, device=h.device), last_index]  # (B, C)
-    return model.lm_head(last).float()
+    return model.head(last).float()
 
 
 def decode_one_token(model, token_ids: torch.Tensor, positions: torch.Tensor, cache, slot: torch.Tensor,
@@ -295,8 +97,60 @@ def decode_one_token(model, token_ids: torch.Tensor, positions: torch.Tensor, ca
     return logits[:, -1].float()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Layer 2: batch state
+class CacheViews:
+    """CacheViews of one cache, made once per (rows, slots) and reused: `views(r0, r1, n)` covers slots [0, n) with n
+    rounded up to a multiple of `bucket` (at most the cache's length), so nearby lengths share one view."""
+
+    def __init__(self, cache, max_len: int, bucket: int = DECODE_BUCKET):
+        self.cache, self.max_len, self.bucket = cache, max_len, bucket
+        self._views: dict = {}
+
+    def __call__(self, r0: int, r1: int, n: int) -> CacheView:
+        n = min(self.max_len, -(-n // self.bucket) * self.bucket)
+        key = (r0, r1, n)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 256:
+                self._views.clear()
+            view = self._views[key] = CacheView(self.cache, r0, r1, n)
+        return view
+
+    def clear(self) -> None:
+        self._views.clear()
+
+
+def compact_row(cache, r: int, keep: torch.Tensor) -> int:
+    """Move the slots of row r marked by `keep` [S] to the front of the row, in position order; every other slot
+    becomes free (position -1). Returns how many were kept. Views stay valid (they alias the cache)."""
+    pos = cache.pos
+    idx = torch.nonzero(keep).squeeze(-1)
+    idx = idx[torch.argsort(pos[r, idx])]
+    n = idx.numel()
+    for layer in cache.layers:
+        layer.k[r, :, :n] = layer.k[r, :, idx]
+        layer.v[r, :, :n] = layer.v[r, :, idx]
+    pos[r, :n] = pos[r, idx].clone()
+    pos[r, n:] = -1
+    return n
+
+
+def prefill_ring(model, view, pos_row: torch.Tensor, tokens: list[int], window: int, chunk: int,
+                 long_rope: bool | None) -> torch.Tensor:
+    """Sliding-window model, sequence longer than the cache row: prefill chunk by chunk into the row's free slots,
+    evicting keys no later query can see (position < chunk start - window). Exact; the caller compacts the row
+    after. view: the row's CacheView over all its slots; pos_row [S] its positions. Returns fp32 logits [V] of the
+    last token."""
+    n, device, h = len(tokens), pos_row.device, None
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        pos_row.masked_fill_(pos_row < c0 - window, -1)
+        free = torch.nonzero(pos_row < 0).squeeze(-1)[: c1 - c0]
+        if free.numel() < c1 - c0:
+            raise UserError(f"a cache of {pos_row.numel()} slots is too small for sliding window {window} "
+                            f"plus prefill chunks of {chunk}; use max_len >= window + 1 + prefill_chunk")
+        h = model(torch.tensor([tokens[c0:c1]], device=device), torch.arange(c0, c1, device=device)[None],
+                  cache=view, cache_slots=free, long_rope=long_rope, return_hidden=True)
+    return model.head(h[0, -1]).float()
 
 
 _COMPILED: dict = {}
@@ -308,7 +162,7 @@ def compiled_cache_len(n: int) -> int:
     return -(-n // 256) * 256
 
 
-def _compiled(model):
+def compiled(model):
     """torch.compile'd model for decode calls, built once per model (compiling takes a while)."""
     key = id(model)
     if key not in _COMPILED or _COMPILED[key][0] is not model:
@@ -316,352 +170,96 @@ def _compiled(model):
     return _COMPILED[key][1]
 
 
-class BatchFull(Exception):
-    """All rows of the BatchState are in use."""
+# ----------------------------------------------------------------------------------------------------------------
+# Layer 2: one stream (a single prompt: one cache row, no batching)
 
 
-@dataclass(eq=False)
-class Sequence:
-    """One sequence (request) in a BatchState."""
-    prompt_ids: list[int]
-    config: GenerationConfig
-    row: int
-    index: int = 0  # caller's index (generate: position in the prompt list)
-    tag: object = None  # caller's handle (the server's request id)
-    tokens: list[int] = field(default_factory=list)  # prompt + generated; tokens[n_cached:] are not in the cache
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    n_cached: int = 0
-    long: bool = False  # LongRoPE regime of what is in the cache / of the next call
-    t_start: float = 0.0
-    t_first: float | None = None
-    t_decode: float | None = None  # decode tokens/s is timed from this token: the first, or (compiled) the second
-    n_decode_skip: int = 0  # decode steps left out of tokens/s as warm-up (1 when compiled: it compiles)
-    t_end: float | None = None
-    # private helpers, set by BatchState.add
-    sampler: Sampler = greedy
-    processors: list = field(default_factory=list)
-    generator: torch.Generator | None = None
-    stop_ids: frozenset = frozenset()
-    detok: IncrementalDetokenizer | None = None
-    stopper: StopStringFilter | None = None
-    context_counts: torch.Tensor | None = None
-    generated_counts: torch.Tensor | None = None
+class _Stream:
+    """One sequence on its own cache row: the cursor (next slot a decode step writes) equals the tokens cached."""
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+    def __init__(self, model, seq: Sequence, max_len: int, compile: bool):
+        self.model, self.seq, self.cfg, self.max_len = model, seq, model.config, max_len
+        self.window = self.cfg.sliding_window
+        self.cache = model.make_cache(1, max_len)
+        self.views = CacheViews(self.cache, max_len)
+        self.decode_model = compiled(model) if compile else model
+        self.compiled, self.cursor = compile, 0
 
-    def result(self) -> GenerationResult:
-        end = self.t_end or time.perf_counter()
-        first = self.t_first or end
-        # a compiled decode step compiles on its first call: that step is warm-up, not decode speed
-        n_dec = max(len(self.generated) - 1 - self.n_decode_skip, 0) if self.t_decode else 0
-        dec_start = self.t_decode or end
-        return GenerationResult(list(self.prompt_ids), list(self.generated), self.text, self.finish_reason or "",
-                                ttft_s=first - self.t_start,
-                                decode_tokens_per_s=n_dec / (end - dec_start) if n_dec and end > dec_start else 0.0)
+    def next_logits(self) -> torch.Tensor | None:
+        """fp32 logits [V] of the next token (prefilling the whole sequence first when the LongRoPE regime changed);
+        None when the sequence no longer fits the cache (it has then finished with "length")."""
+        seq = self.seq
+        need_long = seq.needs_long(self.cfg)
+        if seq.n_cached == 0 or need_long != seq.long:
+            seq.long = need_long  # first prefill, or the LongRoPE switch: recompute the whole cache
+            return self._prefill()
+        return self._decode()
 
+    def _compact(self) -> None:
+        keep = self.cache.pos[0] >= 0
+        if self.window is not None:  # keys no future query can see
+            keep &= self.cache.pos[0] >= len(self.seq.tokens) - 1 - self.window
+        self.cursor = compact_row(self.cache, 0, keep)
 
-class BatchState:
-    """Sequences sharing one static KVCache of `max_batch` rows x `max_len` slots. See the module docstring."""
+    def _prefill(self) -> torch.Tensor | None:
+        seq, dev = self.seq, self.model.device
+        self.cache.pos[0].fill_(-1)
+        seq.n_cached, self.cursor, T = 0, 0, len(seq.tokens)
+        if T > self.max_len:
+            if self.window is None:
+                seq.finish("length")
+                return None
+            logits = prefill_ring(self.model, self.views(0, 1, self.max_len), self.cache.pos[0], seq.tokens,
+                                  self.window, seq.config.prefill_chunk, seq.long)
+            seq.n_cached = T
+            self._compact()
+            return logits
+        ids = torch.tensor([seq.tokens], device=dev)
+        positions = torch.arange(T, device=dev)[None]
+        logits = prefill(self.model, ids, positions, self.views(0, 1, T), 0, seq.config.prefill_chunk, seq.long)
+        seq.n_cached, self.cursor = T, T
+        return logits[0]
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 1, max_len: int | None = None,
-                 compile: bool = False, bucket: int = 64):
-        cfg = model.config
-        self.model, self.tok, self.cfg = model, tokenizer, cfg
-        self.device = model.model.norm.weight.device
-        self.max_len = int(max_len or cfg.max_position_embeddings)
-        self.cache = model.make_cache(max_batch, self.max_len)
-        self.rows: list[Sequence | None] = [None] * max_batch
-        self.cursor = 0  # next slot a decode step writes (shared by all rows)
-        self.bucket = bucket  # decode attends to slots [0, cursor+1) rounded up to a multiple of this
-        self._views: dict = {}
-        self.compiled = compile
-        use_bf16_kernel(model)  # bf16 on CPU: decode rows through our GEMV kernel (phiforge/fast.py); else no-op
-        self._decode_model = _compiled(model) if compile else model
-        self.window = cfg.sliding_window
-        self.long_capable = cfg.rope_scaling is not None
-        self.original_max = cfg.original_max_position_embeddings
-
-    # -- bookkeeping ----------------------------------------------------------------------------------------------
-    def cache_bytes(self) -> int:
-        return self.cache.nbytes()
-
-    def free_rows(self) -> int:
-        return sum(r is None for r in self.rows)
-
-    def active(self) -> list[Sequence]:
-        return [s for s in self.rows if s is not None]
-
-    def add(self, prompt_ids: Seq[int], config: GenerationConfig | None = None, index: int = 0,
-            tag: object = None) -> Sequence:
-        """Queue a sequence; it is prefilled at the next step(). Raises BatchFull when no row is free."""
-        config = config or GenerationConfig()
-        prompt_ids = [int(i) for i in prompt_ids]
-        if not prompt_ids:
-            raise UserError("empty prompt: give at least one token")
-        bad = [i for i in prompt_ids if not 0 <= i < self.cfg.vocab_size]
-        if bad:
-            raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary (size {self.cfg.vocab_size})")
-        if len(prompt_ids) > self.max_len and self.window is None:
-            raise UserError(f"prompt of {len(prompt_ids)} tokens does not fit the cache of {self.max_len} slots")
-        try:
-            row = self.rows.index(None)
-        except ValueError:
-            raise BatchFull(f"all {len(self.rows)} rows are busy") from None
-        seq = Sequence(prompt_ids, config, row, index=index, tag=tag, tokens=list(prompt_ids),
-                       t_start=time.perf_counter(), n_decode_skip=1 if self.compiled else 0)
-        seq.sampler = make_sampler(config.temperature, config.top_k, config.top_p, config.min_p)
-        seq.processors = [p for p in [make_penalty_processor(config.repetition_penalty, config.presence_penalty,
-                                                             config.frequency_penalty)] if p is not None]
-        seq.processors += list(config.extra_processors)
-        if config.seed is not None:
-            seq.generator = torch.Generator(self.device).manual_seed(int(config.seed))
-        if config.stop_ids is not None:
-            seq.stop_ids = frozenset(int(i) for i in config.stop_ids)
-        elif self.tok is not None:
-            seq.stop_ids = frozenset(self.tok.stop_ids)
-        else:
-            seq.stop_ids = frozenset([self.cfg.eos_token_id])
-        if self.tok is not None:
-            seq.detok = IncrementalDetokenizer(self.tok, prompt_ids, config.skip_special_tokens)
-        elif config.stop_strings:
-            raise UserError("stop strings need a tokenizer")
-        seq.stopper = StopStringFilter(config.stop_strings)
-        if seq.processors:
-            V = self.cfg.vocab_size
-            seq.context_counts = torch.bincount(torch.tensor(prompt_ids), minlength=V)[None].float().to(self.device)
-            seq.generated_counts = torch.zeros(1, V, device=self.device)
-        if config.rope_policy == "fixed":
-            seq.long = self.long_capable and len(prompt_ids) + config.max_new_tokens > self.original_max
-        self.rows[row] = seq
-        return seq
-
-    def remove(self, seq: Sequence) -> None:
-        """Free the row of `seq` (cancel it, or forget a finished one). Its cache row is reset."""
-        if 0 <= seq.row < len(self.rows) and self.rows[seq.row] is seq:
-            self.rows[seq.row] = None
-            self.cache.pos[seq.row].fill_(-1)
-            if seq.finish_reason is None:
-                seq.finish_reason = "cancelled"
-
-    # -- cache management ------------------------------------------------------------------------------------------
-    def _view(self, r0: int, r1: int, n: int):
-        n = min(self.max_len, -(-n // self.bucket) * self.bucket)
-        key = (r0, r1, n)
-        view = self._views.get(key)
-        if view is None:
-            if len(self._views) > 256:
-                self._views.clear()
-            view = self._views[key] = CacheView(self.cache, r0, r1, n)
-        return view
-
-    def compact(self) -> None:
-        """Move each row's live slots to the front (in position order), evicting keys that no future query of a
-        sliding-window model can see; the cursor becomes the largest live count."""
-        pos = self.cache.pos
-        top = 0
-        for r, seq in enumerate(self.rows):
-            keep = pos[r] >= 0
-            if seq is None:
-                keep[:] = False
-            elif self.window is not None:
-                keep &= pos[r] >= len(seq.tokens) - 1 - self.window
-            idx = torch.nonzero(keep).squeeze(-1)
-            idx = idx[torch.argsort(pos[r, idx])]
-            n = idx.numel()
-            for layer in self.cache.layers:
-                layer.k[r, :, :n] = layer.k[r, :, idx]
-                layer.v[r, :, :n] = layer.v[r, :, idx]
-            pos[r, :n] = pos[r, idx].clone()
-            pos[r, n:] = -1
-            top = max(top, n)
-        self.cursor = top
-        self._views.clear()
-
-    def _needs_long(self, seq: Sequence) -> bool:
-        if seq.config.rope_policy == "fixed" or not self.long_capable:
-            return seq.long
-        return len(seq.tokens) > self.original_max
-
-    # -- one engine step -------------------------------------------------------------------------------------------
-    def step(self) -> list[Event]:
-        """Prefill the sequences that need it, decode one token for every other live sequence, sample, and return one
-        Event per sequence that produced a token. Finished sequences leave their rows."""
-        with torch.inference_mode():
-            pending, decoding = [], []
-            for seq in self.active():
-                need_long = self._needs_long(seq)
-                if seq.n_cached == 0 or need_long != seq.long:
-                    seq.long = need_long  # first prefill, or the LongRoPE switch: recompute the whole cache
-                    pending.append(seq)
-                else:
-                    decoding.append(seq)
-            logits: dict[int, torch.Tensor] = {}
-            if decoding:
-                self._decode(decoding, logits)
-            if pending:
-                self._prefill(pending, logits)
-            return self._sample(logits)
-
-    def _decode(self, seqs: list[Sequence], out: dict) -> None:
+    def _decode(self) -> torch.Tensor | None:
+        seq, dev = self.seq, self.model.device
         if self.cursor >= self.max_len:
-            self.compact()
-        if self.cursor >= self.max_len:  # some sequences fill their rows on their own: they end here
-            for seq in seqs:
-                if int((self.cache.pos[seq.row] >= 0).sum()) >= self.max_len:
-                    self._finish(seq, "length")
-            seqs = [s for s in seqs if not s.finished]
-            self.compact()
-            if not seqs:
-                return
-        slot = torch.tensor([self.cursor], device=self.device)
-        groups = [seqs] if len({s.long for s in seqs}) == 1 else [[s] for s in seqs]
-        for group in groups:
-            r0, r1 = min(s.row for s in group), max(s.row for s in group) + 1
-            ids = torch.zeros(r1 - r0, dtype=torch.long)
-            positions = torch.full((r1 - r0,), -1, dtype=torch.long)
-            for s in group:
-                ids[s.row - r0] = s.tokens[-1]
-                positions[s.row - r0] = len(s.tokens) - 1
-            # compiled: one static shape (the whole cache), so the graph is compiled once
-            view = self._view(r0, r1, self.max_len if self.compiled else self.cursor + 1)
-            ids, positions = ids.to(self.device), positions.to(self.device)
-            logits = decode_one_token(self._decode_model, ids, positions, view, slot, long_rope=group[0].long)
-            for s in group:
-                out[s.row] = logits[s.row - r0]
-                s.n_cached = len(s.tokens)
+            self._compact()
+            if self.cursor >= self.max_len:  # no slot left to free (no window)
+                seq.finish("length")
+                return None
+        slot = torch.tensor([self.cursor], device=dev)
+        ids = torch.tensor([seq.tokens[-1]], device=dev)
+        positions = torch.tensor([len(seq.tokens) - 1], device=dev)
+        # compiled: one static shape (the whole cache), so the graph is compiled once
+        view = self.views(0, 1, self.max_len if self.compiled else self.cursor + 1)
+        logits = decode_one_token(self.decode_model, ids, positions, view, slot, long_rope=seq.long)
+        seq.n_cached = len(seq.tokens)
         self.cursor += 1
+        return logits[0]
 
-    def _prefill(self, seqs: list[Sequence], out: dict) -> None:
-        seqs = sorted(seqs, key=lambda s: s.row)
-        # runs of consecutive rows with the same regime go in one call; other rows are never touched
-        groups: list[list[Sequence]] = []
-        for s in seqs:
-            if groups and groups[-1][-1].row == s.row - 1 and groups[-1][-1].long == s.long:
-                groups[-1].append(s)
-            else:
-                groups.append([s])
-        for group in groups:
-            for s in group:
-                self.cache.pos[s.row].fill_(-1)
-                s.n_cached = 0
-            T = max(len(s.tokens) for s in group)
-            if T > self.max_len:
-                for s in group:
-                    if self.window is None:
-                        self._finish(s, "length")
-                    else:
-                        self._prefill_ring(s, out)
-                continue
-            end = max(self.cursor, T)
-            if end > self.max_len:
-                self.compact()
-                end = max(self.cursor, T)
-                if end > self.max_len:
-                    end = self.max_len  # rows of this group were reset; slots [max_len - T, max_len) are free
-            r0, r1 = group[0].row, group[-1].row + 1
-            ids = torch.zeros(r1 - r0, T, dtype=torch.long)
-            positions = torch.full((r1 - r0, T), -1, dtype=torch.long)
-            last = torch.zeros(r1 - r0, dtype=torch.long)
-            for i, s in enumerate(group):
-                n = len(s.tokens)
-                ids[i, :n] = torch.tensor(s.tokens)
-                positions[i, :n] = torch.arange(n)
-                last[i] = n - 1
-            view = self._view(r0, r1, self.max_len) if end == self.max_len else self._view(r0, r1, end)
-            logits = prefill(self.model, ids.to(self.device), positions.to(self.device), view, end - T,
-                             group[0].config.prefill_chunk, group[0].long, last.to(self.device))
-            for i, s in enumerate(group):
-                out[s.row] = logits[i]
-                s.n_cached = len(s.tokens)
-            self.cursor = max(self.cursor, end)
 
-    def _prefill_ring(self, s: Sequence, out: dict) -> None:
-        """Sliding-window model, sequence longer than the cache: prefill chunk by chunk into the row's free slots,
-        evicting keys no later query can see (position < chunk start - window). Exact; then compact()."""
-        r, pos, n = s.row, self.cache.pos[s.row], len(s.tokens)
-        view = self._view(r, r + 1, self.max_len)
-        chunk, h = s.config.prefill_chunk, None
-        for c0 in range(0, n, chunk):
-            c1 = min(n, c0 + chunk)
-            pos.masked_fill_(pos < c0 - self.window, -1)
-            free = torch.nonzero(pos < 0).squeeze(-1)[: c1 - c0]
-            if free.numel() < c1 - c0:
-                raise UserError(f"a cache of {self.max_len} slots is too small for sliding window {self.window} "
-                                f"plus prefill chunks of {chunk}; use max_len >= window + 1 + prefill_chunk")
-            h = self.model(torch.tensor([s.tokens[c0:c1]], device=self.device),
-                           torch.arange(c0, c1, device=self.device)[None], cache=view, cache_slots=free,
-                           long_rope=s.long, return_hidden=True)
-        out[r] = self.model.lm_head(h[0, -1]).float()
-        s.n_cached = n
-        self.compact()
-
-    def _sample(self, logits: dict[int, torch.Tensor]) -> list[Event]:
-        events = []
-        seqs = [self.rows[r] for r in sorted(logits)]
-        plain = all(s.sampler is greedy and not s.processors for s in seqs)
-        if plain and len(seqs) > 1:
-            chosen = torch.stack([logits[s.row] for s in seqs]).argmax(-1).tolist()
-        else:
-            chosen = []
-            for s in seqs:
-                x = logits[s.row][None]
-                for p in s.processors:
-                    x = p(x, s.context_counts, s.generated_counts)
-                chosen.append(int(s.sampler(x, s.generator)[0]))
-        now = time.perf_counter()
-        for s, tok in zip(seqs, chosen):
-            if s.t_first is None:
-                s.t_first = now
-            if len(s.generated) == s.n_decode_skip:  # decode speed is timed from here (after any warm-up step)
-                s.t_decode = now
-            ev = self._accept(s, tok)
-            ev.logits = logits[s.row]
-            events.append(ev)
-        return events
-
-    def _accept(self, s: Sequence, tok: int) -> Event:
-        s.tokens.append(tok)
-        s.generated.append(tok)
-        if s.context_counts is not None:
-            s.context_counts[0, tok] += 1
-            s.generated_counts[0, tok] += 1
-        text, reason = "", None
-        if tok in s.stop_ids:
-            reason = "stop"
-            text = s.stopper.flush() if s.detok is not None else ""
-        else:
-            if s.detok is not None:
-                text, hit = s.stopper.feed(s.detok.add(tok))
-                if hit:
-                    reason = "stop"
-            cache_full = self.window is None and len(s.tokens) > self.max_len  # no slot left to feed it
-            if reason is None and (len(s.generated) >= s.config.max_new_tokens or cache_full):
-                reason = "length"
-                if s.detok is not None:
-                    more, hit = s.stopper.feed(s.detok.flush())
-                    text += more if hit else more + s.stopper.flush()
-                    reason = "stop" if hit else reason
-        s.text += text
-        ev = Event(s, tok, text)
-        if reason is not None:
-            self._finish(s, reason)
-            ev.finish_reason = reason
-        return ev
-
-    def _finish(self, s: Sequence, reason: str) -> None:
-        s.finish_reason = reason
-        s.t_end = time.perf_counter()
-        if self.rows[s.row] is s:
-            self.rows[s.row] = None
-            self.cache.pos[s.row].fill_(-1)
+def _stream_one(model, tokenizer, prompt: list[int], config: GenerationConfig, max_len: int,
+                compile: bool) -> Iterator[Event]:
+    """The Events of one prompt on a cache of max_len slots: model call, choose, accept, until it finishes."""
+    seq = Sequence.start(prompt, config, tokenizer, model.config, model.device, n_decode_skip=1 if compile else 0)
+    window = model.config.sliding_window
+    if len(seq.prompt_ids) > max_len and window is None:
+        raise UserError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the cache of {max_len} slots")
+    stream = _Stream(model, seq, max_len, compile)
+    while not seq.finished:
+        with torch.inference_mode():
+            logits = stream.next_logits()
+            if logits is None:
+                return
+            tok = seq.choose(logits)
+        # the token would need slot max_len: no window to evict from, so the sequence ends here ("length")
+        ev = seq.accept(tok, time.perf_counter(), cache_full=window is None and len(seq.tokens) >= max_len)
+        ev.logits = logits
+        yield ev
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Layers 3 and 4: stream_generate and generate
+# Layers 2 and 3: stream_generate (one stream, or a batch of prompts) and generate
 
 
 def _as_config(config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
@@ -700,6 +298,11 @@ def stream_generate(model, tokenizer, prompts, config: GenerationConfig | None =
         max_len = max(len(p) for p in batch) + config.max_new_tokens
         if compile:
             max_len = compiled_cache_len(max_len)
+    if len(batch) == 1:
+        yield from _stream_one(model, tokenizer, batch[0], config, max_len, compile)
+        return
+    from phiforge.serve.batch import BatchState  # several prompts: one batch, rows of one cache
+
     state = BatchState(model, tokenizer, max_batch=len(batch), max_len=max_len, compile=compile)
     for i, ids in enumerate(batch):
         state.add(ids, config, index=i)
@@ -715,45 +318,6 @@ def generate(model, tokenizer, prompts, config: GenerationConfig | None = None, 
         seqs[ev.index] = ev.seq
     results = [seqs[i].result() for i in sorted(seqs)]
     return results[0] if single else results
-
-
-def loglikelihood(model, contexts: Seq[Seq[int]], continuations: Seq[Seq[int]], batch_size: int = 8
-                  ) -> list[tuple[float, bool]]:
-    """For each (context, continuation) pair of token-id lists: (sum of log p(continuation | context), whether greedy
-    decoding would produce the continuation), as lm-evaluation-harness scores it. One full forward pass per
-    sequence (batched, right-padded with position -1; LongRoPE chosen per sequence by transformers' rule)."""
-    cfg = model.config
-    items = []
-    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
-        ids = [int(t) for t in list(ctx) + list(cont)]
-        if not cont or not ids[:-1]:
-            raise UserError(f"pair {i}: need a non-empty continuation and at least one token before it")
-        long_ = cfg.rope_scaling is not None and len(ids) - 1 > cfg.original_max_position_embeddings
-        items.append((long_, len(ids), i, ids[:-1], ids[len(ids) - len(cont):]))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
-    items.sort(key=lambda it: (it[0], -it[1]))  # same regime together, similar lengths together
-    with torch.inference_mode():
-        for b in range(0, len(items), batch_size):
-            chunk = [it for it in items[b:b + batch_size] if it[0] == items[b][0]]
-            rest = [it for it in items[b:b + batch_size] if it[0] != items[b][0]]
-            for group in (chunk, rest):
-                if not group:
-                    continue
-                T = max(len(it[3]) for it in group)
-                ids = torch.zeros(len(group), T, dtype=torch.long)
-                positions = torch.full((len(group), T), -1, dtype=torch.long)
-                for r, it in enumerate(group):
-                    ids[r, :len(it[3])] = torch.tensor(it[3])
-                    positions[r, :len(it[3])] = torch.arange(len(it[3]))
-                dev = model.model.norm.weight.device
-                logp = torch.log_softmax(model(ids.to(dev), positions.to(dev), long_rope=group[0][0]).float(), dim=-1)
-                logp = logp.cpu()
-                for r, (_, _, i, inp, target) in enumerate(group):
-                    n = len(target)
-                    lp = logp[r, len(inp) - n:len(inp)]
-                    tgt = torch.tensor(target)
-                    out[i] = (float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -798,6 +362,7 @@ def load_for_cli(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, dtype=args.dtype)
+    prepare_for_inference(model)
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model); save the model with "
                         "its tokenizer, e.g. phiforge.checkpoint.save_hf_folder(model, folder, tokenizer)")

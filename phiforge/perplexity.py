@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from phiforge.scoring import TokenScores, score_hidden, score_logits
 from phiforge.train.tokenize import SEPARATORS
 from phiforge.utils import ArgumentParser, UserError
 
@@ -140,15 +140,14 @@ def evaluate(model, ids: list[int], ctx: int, stride: int, reference=None, max_t
         end = min(begin + ctx, len(ids))
         new = end - max(prev_end, begin + 1)  # targets not yet scored (position 0 has no prediction)
         window = data[begin:end][None]
-        logits = model(window[:, :-1]).float()[0, -new:]  # (new, V): predictions for the last `new` targets
         targets = window[0, -new:]
-        logp = F.log_softmax(logits, dim=-1)
-        nll += float(-logp.gather(1, targets[:, None]).sum())
+        s = _score_last(model, window, new, keep_rows=reference is not None)  # predictions for the last `new`
+        nll += float(-s.logprob.sum())
         if reference is not None:
-            ref_logp = F.log_softmax(reference(window[:, :-1]).float()[0, -new:], dim=-1)
-            ref_nll += float(-ref_logp.gather(1, targets[:, None]).sum())
-            kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
-            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+            r = _score_last(reference, window, new, keep_rows=True)
+            ref_nll += float(-r.logprob.sum())
+            kl += float((r.rows.exp() * (r.rows - s.rows)).sum())
+            agree += int((r.rows.argmax(-1) == s.rows.argmax(-1)).sum())
         n += new
         bar.update(new)
         prev_end = end
@@ -159,6 +158,15 @@ def evaluate(model, ids: list[int], ctx: int, stride: int, reference=None, max_t
     if reference is not None:
         out.update(kl=kl / n, top1_agree=agree / n, ref_ppl=math.exp(ref_nll / n), ref_nll=ref_nll / n)
     return out
+
+
+def _score_last(model, window: torch.Tensor, new: int, keep_rows: bool = False) -> TokenScores:
+    """Scores of the last `new` tokens of window (1, T), each predicted from the tokens before it in the window."""
+    hidden = model(window[:, :-1].to(model.device), return_hidden=True)[0, -new:]  # (new, C)
+    targets = window[0, -new:].to(model.device)
+    if keep_rows:  # KL needs the whole distributions
+        return score_logits(model.head(hidden), targets, keep_rows=True)
+    return score_hidden(model, hidden, targets)
 
 
 def _progress(total: int):
@@ -186,8 +194,8 @@ def evaluate_rolling(model, ids: list[int], ctx: int, batch_size: int = 16) -> d
     nll, n = 0.0, 0
     bar = _progress(len(ids) - 1)
     for x, y in pieces:
-        logits = model(x).float()
-        nll += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+        logits = model(x)  # (b, T, V); model may be any callable (pretrain passes one under autocast)
+        nll += float(-score_logits(logits.flatten(0, 1), y.flatten().to(logits.device)).logprob.sum())
         n += y.numel()
         bar.update(y.numel())
     bar.close()
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = ap.parse_args(argv)
-    from phiforge.quant import load_any
+    from phiforge import load
     from phiforge.utils import atomic_write_json, check_writable
 
     # every check on the arguments before a model is loaded
@@ -249,12 +257,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_any(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype)
     if tok is None:
         raise UserError(f"{args.model} has no tokenizer; perplexity needs one to tokenize --data")
     reference = None
     if args.reference:
-        reference, ref_tok = load_any(args.reference, dtype=args.dtype)
+        reference, ref_tok = load(args.reference, dtype=args.dtype)
         if ref_tok is not None and ref_tok.vocab_size != tok.vocab_size:
             raise UserError("--reference has a different tokenizer; KL needs the same vocabulary")
         reference.eval()

@@ -89,11 +89,11 @@ def test_fast_loglikelihood_equals_naive_forward(lm):
 
 
 def test_shared_prefix_cache_is_used_and_exact(lm, monkeypatch):
-    from phiforge.eval import lm as lm_mod
+    from phiforge import scoring
 
     seen = []
-    real = lm_mod.LocalLM._hidden
-    monkeypatch.setattr(lm_mod.LocalLM, "_hidden", lambda self, seqs, p: seen.append(p) or real(self, seqs, p))
+    real = scoring._hidden
+    monkeypatch.setattr(scoring, "_hidden", lambda model, seqs, p: seen.append(p) or real(model, seqs, p))
     shared = "Once upon a time there was a little robot named Pip who counted stars. " * 2
     pairs = [(shared + f"Question {i}:", f" answer {i}") for i in range(5)]
     fast = lm.loglikelihood(pairs, progress=False)
@@ -449,7 +449,7 @@ def test_longrope_sequences_are_scored_like_single_forwards(lm):
     forward of that sequence alone would use (transformers' rule), including through the prefix cache."""
     from phiforge.checkpoint import build_model
     from phiforge.eval.lm import LocalLM
-    from phiforge.models.phi3 import Phi3Config
+    from phiforge.models import config_from_name
 
     cfg = config_from_name("tiny-128k", vocab_size=lm.tok.vocab_size)
     model = build_model(cfg, init=False)

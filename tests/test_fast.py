@@ -60,7 +60,8 @@ def test_swap_keeps_weights_and_falls_back_outside_the_kernel():
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_bf16_decode_with_the_kernel_matches_the_plain_model(compile):
-    from phiforge.generate import GenerationConfig, generate
+    from phiforge.generate import generate
+    from phiforge.sample import GenerationConfig
     from phiforge.models import config_from_name
     from phiforge.models.phi3 import Phi3, Phi3Config
     torch.manual_seed(0)

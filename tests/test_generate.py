@@ -10,8 +10,10 @@ import torch
 from conftest import hf_model
 from phiforge import load
 from phiforge.checkpoint import save_hf_folder
-from phiforge.generate import (BatchState, GenerationConfig, IncrementalDetokenizer, StopStringFilter, generate,
-                               main, make_penalty_processor, make_sampler, stream_generate)
+from phiforge.generate import generate, main, stream_generate
+from phiforge.sample import (GenerationConfig, IncrementalDetokenizer, StopStringFilter, make_penalty_processor,
+                             make_sampler)
+from phiforge.serve.batch import BatchState
 from phiforge.models import config_from_name
 from phiforge.models.phi3 import Phi3Config
 from phiforge.utils import UserError
@@ -383,7 +385,7 @@ def test_cli_errors_are_user_errors(tmp_path):
 
 
 def test_loglikelihood_matches_transformers(tmp_path):
-    from phiforge.generate import loglikelihood
+    from phiforge.scoring import loglikelihood
     cfg, ref, model = reference_pair("tiny-128k", tmp_path)
     g = torch.Generator().manual_seed(9)
     ctxs = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 30, 12, 40)]
@@ -412,3 +414,24 @@ def test_cache_full_ends_with_length_event():
     assert len(seq.tokens) == 17 and seq.finish_reason == "length"
     solo = generate(model, None, list(range(5, 15)), max_new_tokens=7, stop_ids=())
     assert seq.generated == solo.token_ids
+
+
+@pytest.mark.parametrize("preset,max_len,n", [("tiny-4k", 24, 40), ("tiny-128k", None, 20), ("tiny-gqa", 16, 10)])
+def test_single_stream_equals_one_row_batch(preset, max_len, n):
+    """One prompt runs without the batching machinery; it gives exactly BatchState's tokens, logits and finish
+    reason: past a sliding window in a short cache (ring prefill, compaction), across the LongRoPE switch, and when
+    the cache runs out ("length")."""
+    model, _ = load(preset, seed=1)
+    prompt = torch.randint(3, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    config = GenerationConfig(max_new_tokens=30, stop_ids=(), prefill_chunk=8, temperature=0.8, seed=3,
+                              repetition_penalty=1.3)
+    max_len = max_len or n + 30
+    solo = list(stream_generate(model, None, prompt, config, max_len=max_len))
+    state = BatchState(model, None, max_batch=1, max_len=max_len)
+    state.add(prompt, config)
+    batched = []
+    while state.active():
+        batched += state.step()
+    assert [e.token_id for e in solo] == [e.token_id for e in batched]
+    assert [e.finish_reason for e in solo] == [e.finish_reason for e in batched]
+    assert torch.equal(torch.stack([e.logits for e in solo]), torch.stack([e.logits for e in batched]))

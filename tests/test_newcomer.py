@@ -247,7 +247,7 @@ def test_compiled_decode_rate_leaves_out_the_compiling_step(model_dir, monkeypat
             return m(*a, **kw)
         return run
 
-    monkeypatch.setattr(gen, "_compiled", fake_compiled)
+    monkeypatch.setattr(gen, "compiled", fake_compiled)
     r = gen.generate(model, tok, "Once upon a time", max_new_tokens=30, stop_ids=(), compile=True)
     assert len(r.token_ids) == 30
     with_compile = 29 / 1.0  # at most, counting the 1 s step

@@ -14,7 +14,8 @@ import torch
 
 from phiforge import load
 from phiforge.checkpoint import save_hf_folder
-from phiforge.generate import GenerationConfig, generate
+from phiforge.generate import generate
+from phiforge.sample import GenerationConfig
 from phiforge.models import config_from_name
 from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.serve import start_background

@@ -14,6 +14,7 @@ What makes it faster than lm-eval on the same model (same numbers up to float ro
 2. sequences are sorted by tokens, so each batch shares a long prefix (MMLU's description + 5 shots): that prefix
    runs once through the model into a KV cache, then only the suffixes run, as one batch;
 3. the vocabulary projection and log-softmax run only at the positions that are scored.
+The scoring itself (padding, LongRoPE regimes, the shared-prefix cache, log-softmax) is phiforge.scoring's.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from functools import lru_cache
 
 import torch
 from tqdm import tqdm
+
+from phiforge.scoring import common_prefix_len, score_positions
 
 
 class LocalLM:
@@ -33,7 +36,6 @@ class LocalLM:
         self.model, self.tok, self.add_bos_token = model.eval(), tokenizer, add_bos_token
         self.batch_size, self.min_shared_prefix = batch_size, min_shared_prefix
         self.max_length = max_length or model.config.max_position_embeddings
-        self.device = model.model.norm.weight.device
         self.encode = lru_cache(maxsize=65536)(self.tok_encode)
 
     def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> tuple[int, ...]:
@@ -112,7 +114,7 @@ class LocalLM:
         batches, cur, shared = [], [], 0
         for seq in reps:
             if cur:
-                k = min(shared, _common_prefix_len([cur[0], seq]))
+                k = min(shared, common_prefix_len([cur[0], seq]))
                 if len(cur) == self.batch_size or (len(cur) > 1 and k < self.min_shared_prefix <= shared):
                     batches.append(cur)
                     cur = []
@@ -126,63 +128,7 @@ class LocalLM:
     @torch.no_grad()
     def _score(self, seqs: list[tuple], wanted: list[list[tuple[int, int]]]) -> list[dict]:
         """For each sequence, {(position, token): (log p(token | tokens before position+1), token is the argmax)}."""
-        cfg = self.model.config
-        if cfg.rope_scaling is not None:  # LongRoPE: short and long sequences go in separate forwards
-            longs = [len(s) > cfg.original_max_position_embeddings for s in seqs]
-            if any(longs) and not all(longs):
-                out: list = [None] * len(seqs)
-                for flag in (False, True):
-                    idx = [i for i, x in enumerate(longs) if x == flag]
-                    for i, r in zip(idx, self._score([seqs[i] for i in idx], [wanted[i] for i in idx])):
-                        out[i] = r
-                return out
-        # shared prefix, capped so that every scored position stays in the suffix pass
-        p = _common_prefix_len(seqs)
-        firsts = [w[0][0] for w in wanted if w]
-        p = min([p, *firsts])
-        if p < self.min_shared_prefix or len(seqs) < 2:
-            p = 0
-        hidden = self._hidden(seqs, p)  # (B, T - p, C)
-        out = []
-        for i, w in enumerate(wanted):
-            if not w:
-                out.append({})
-                continue
-            idx = torch.tensor([q for q, _ in w], device=self.device) - p
-            toks = torch.tensor([t for _, t in w], device=self.device)
-            logp = torch.log_softmax(self.model.lm_head(hidden[i, idx]).float(), dim=-1)  # (k, V)
-            lp = logp.gather(1, toks[:, None])[:, 0].tolist()
-            greedy = (logp.argmax(-1) == toks).tolist()
-            out.append(dict(zip(w, zip(lp, greedy))))
-        return out
-
-    def _hidden(self, seqs: list[tuple], p: int) -> torch.Tensor:
-        """Final hidden states for positions p.. of every sequence (right-padded). The first p tokens are common to
-        all sequences; they run once (batch 1) into a KV cache that is then broadcast to the batch."""
-        B, T = len(seqs), max(len(s) for s in seqs)
-        ids = torch.zeros(B, T - p, dtype=torch.long)
-        pos = torch.full((B, T - p), -1, dtype=torch.long)  # -1 = padding, never attended to
-        for i, s in enumerate(seqs):
-            ids[i, :len(s) - p] = torch.tensor(s[p:])
-            pos[i, :len(s) - p] = torch.arange(p, len(s))
-        ids, pos = ids.to(self.device), pos.to(self.device)
-        # LongRoPE: transformers' rule per sequence (long iff its length > original max); _score made the batch
-        # uniform, and the cached prefix must use the same factors as the rest
-        cfg = self.model.config
-        long_rope = None if cfg.rope_scaling is None else T > cfg.original_max_position_embeddings
-        if p == 0:
-            return self.model(ids, positions=pos, long_rope=long_rope, return_hidden=True)
-        prefix = torch.tensor([seqs[0][:p]], device=self.device)
-        small = self.model.make_cache(1, p)
-        self.model(prefix, cache=small, cache_slots=torch.arange(p, device=self.device), long_rope=long_rope,
-                   return_hidden=True)
-        cache = self.model.make_cache(B, T)
-        cache.pos[:, :p] = small.pos
-        for big_layer, small_layer in zip(cache.layers, small.layers):
-            big_layer.k[:, :, :p] = small_layer.k
-            big_layer.v[:, :, :p] = small_layer.v
-        return self.model(ids, positions=pos, cache=cache, cache_slots=torch.arange(p, T, device=self.device),
-                          long_rope=long_rope, return_hidden=True)
+        return score_positions(self.model, seqs, wanted, self.min_shared_prefix)
 
     def loglikelihood_rolling(self, text: str) -> tuple[float, int]:
         """(sum log p(text), n tokens) over lm-eval's rolling windows (lm_eval/utils.py `get_rolling_token_windows`
@@ -215,8 +161,11 @@ class LocalLM:
                       progress: bool = True) -> list[str]:
         """Greedy continuations (phiforge.generate, batched), each cut before the first `until` string or a stop
         token, as lm-eval's generate_until returns them."""
-        from phiforge.generate import GenerationConfig, generate
+        from phiforge.fast import prepare_for_inference
+        from phiforge.generate import generate
+        from phiforge.sample import GenerationConfig
 
+        prepare_for_inference(self.model)  # the engine's kernels (bf16 on CPU), as `phiforge generate` loads them
         max_new_tokens = min(max_new_tokens, self.max_length - 1)
         ids = [list(p) if isinstance(p, list) else self.prompt_ids(p) for p in prompts]
         ids = [x[-(self.max_length - max_new_tokens):] for x in ids]  # left-truncate like lm-eval
@@ -232,16 +181,6 @@ class LocalLM:
     def chat(self, messages: list[dict], max_new_tokens: int = 1024) -> str:
         prompt = self.tok.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(list(self.tok.encode(prompt)), (), max_new_tokens)
-
-
-def _common_prefix_len(seqs: list[tuple]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
-    return n
 
 
 def _cut(text: str, until) -> str:

@@ -9,8 +9,10 @@
 
 In-process (tests, data recipes): `url, stop = start_background("runs/sft/final")`; `OpenAI(base_url=url + "/v1")`.
 
-Layout: `scheduler.py` batches the decode steps of concurrent requests on one `generate.BatchState` (the same
-engine as `phiforge generate` and `phiforge chat`); `api.py` holds the routes, schemas, limits and error bodies.
+Layout: `batch.py` is continuous batching (`BatchState`: rows of one KV cache, on the model calls of
+phiforge.generate and the sampling of phiforge.sample, as `phiforge generate` and `phiforge chat` use them);
+`scheduler.py` runs concurrent requests on one BatchState; `api.py` holds the routes, schemas, limits and error
+bodies.
 See docs/serve.md.
 """
 from __future__ import annotations
@@ -70,11 +72,12 @@ def _uvicorn(server, sock_timeout: float, log_level: str):
 
 
 def _make_server(model, tokenizer, model_id, **options):
+    from phiforge.fast import prepare_for_inference
     from phiforge.serve.api import Server
 
     if tokenizer is None:
         raise UserError(f"{model_id} has no tokenizer; the server needs one (save it with the model)")
-    return Server(model.eval(), tokenizer, model_id, **options)
+    return Server(prepare_for_inference(model.eval()), tokenizer, model_id, **options)
 
 
 def start_background(model, port: int = 0, host: str = "127.0.0.1", model_id: str | None = None,

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from phiforge.generate import GenerationConfig
+from phiforge.sample import GenerationConfig
 from phiforge.serve.scheduler import Chunk, Closing, Job, QueueFull, Scheduler
 from phiforge.utils import UserError
 

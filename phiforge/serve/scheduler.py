@@ -1,10 +1,11 @@
-"""Continuous batching for the server: one thread owns the model and a `generate.BatchState`; HTTP handlers submit
+"""Scheduling for the server: one thread owns the model and a `serve.batch.BatchState`; HTTP handlers submit
 `Job`s and read their tokens from an asyncio queue.
 
 Between any two engine steps the thread (1) drops cancelled jobs (client gone) from their rows, (2) admits waiting
 jobs into free rows (BatchState prefills them at the next step while the other rows decode), (3) runs one
-`BatchState.step()` and hands each Event to its job. Sampling, penalties, detokenization and stop strings are the
-engine's (phiforge.generate); this module only schedules. Waiting jobs beyond `max_queue` are refused (HTTP 429).
+`BatchState.step()` and hands each Event to its job. Sampling, penalties, detokenization and stop strings are
+phiforge.sample's, batching is phiforge.serve.batch's, log-probs are phiforge.scoring's; this module only schedules.
+Waiting jobs beyond `max_queue` are refused (HTTP 429).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from phiforge.generate import BatchState, GenerationConfig
+from phiforge.sample import GenerationConfig
+from phiforge.scoring import score_hidden, score_logits
+from phiforge.serve.batch import BatchState
 
 
 class QueueFull(Exception):
@@ -62,11 +65,8 @@ class Job:
             pass
 
 
-def _top(lp: torch.Tensor, k: int) -> list[tuple[int, float]] | None:
-    if not k:
-        return None
-    v, i = lp.topk(min(k, lp.shape[-1]))
-    return list(zip(i.tolist(), v.tolist()))
+def _top(ids: torch.Tensor, lps: torch.Tensor) -> list[tuple[int, float]]:
+    return list(zip(ids.tolist(), lps.tolist()))
 
 
 def score_prompt(model, ids: list[int], k: int, chunk: int = 256) -> list:
@@ -74,13 +74,12 @@ def score_prompt(model, ids: list[int], k: int, chunk: int = 256) -> list:
     [(id, logprob | None, top-k | None)]; the first token has none, as in OpenAI's echo."""
     out = [(ids[0], None, None)]
     with torch.inference_mode():
-        h = model(torch.tensor([ids], device=model.model.norm.weight.device), return_hidden=True)[0]  # (T, C)
-        for c0 in range(0, len(ids) - 1, chunk):
-            c1 = min(len(ids) - 1, c0 + chunk)
-            lp = torch.log_softmax(model.lm_head(h[c0:c1]).float(), dim=-1).cpu()  # predicts ids[c0+1 : c1+1]
-            for j in range(c1 - c0):
-                t = ids[c0 + j + 1]
-                out.append((t, float(lp[j, t]), _top(lp[j], k)))
+        h = model(torch.tensor([ids], device=model.device), return_hidden=True)[0]  # (T, C)
+        targets = torch.tensor(ids[1:], device=model.device)
+        s = score_hidden(model, h[:-1], targets, top=k, chunk=chunk)  # position t predicts ids[t + 1]
+        lp = s.logprob.tolist()
+        for j, t in enumerate(ids[1:]):
+            out.append((t, lp[j], _top(s.top_ids[j], s.top_logprobs[j]) if k else None))
     return out
 
 
@@ -213,8 +212,10 @@ class Scheduler:
             job.n_generated += 1
             chunk = Chunk(job.index, ev.token_id, ev.text, ev.finish_reason)
             if job.logprobs is not None and ev.logits is not None:
-                lp = torch.log_softmax(ev.logits.float(), dim=-1).cpu()
-                chunk.logprob, chunk.top = float(lp[ev.token_id]), _top(lp, job.logprobs)
+                s = score_logits(ev.logits[None], torch.tensor([ev.token_id], device=ev.logits.device),
+                                 top=job.logprobs)
+                chunk.logprob = float(s.logprob[0])
+                chunk.top = _top(s.top_ids[0], s.top_logprobs[0]) if job.logprobs else None
             if ev.finish_reason is not None:
                 job.done = True
             by_loop.setdefault(job.loop, []).append((job.queue, chunk))
