@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from phiforge.generate import compiled_cache_len, decode_one_token, prefill
 from phiforge.models import config_from_name
-from phiforge.models.phi3 import KVCache, Phi3, Phi3Config, RotaryEmbedding
+from phiforge.models.phi3 import Phi3, Phi3Config, RotaryEmbedding
 from phiforge.quant import Int4Linear, _set_module, quantize_int4
 from phiforge.utils import llama_cpp_bin
 
@@ -156,7 +156,7 @@ def measure(model: Phi3, dtype, prompt_len: int, n_decode: int, compile: bool = 
     `phiforge generate --compile` runs it (one static shape, the cache sized by generate.compiled_cache_len)."""
     cfg = model.config
     slots = compiled_cache_len(prompt_len + n_decode) if compile else prompt_len + n_decode
-    cache = KVCache(cfg, 1, slots, dtype=dtype)
+    cache = model.make_cache(1, slots, dtype=dtype)
     step_model = torch.compile(model, dynamic=False) if compile else model
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len))
 

@@ -12,16 +12,22 @@ The module exposes:
                   - `model_type` (class attribute, equal to the module's name),
                   - `from_hf(config_json: dict)` and `to_hf() -> dict` (round-trips with transformers),
                   - the fields the engine reads: vocab_size, hidden_size, num_hidden_layers, max_position_embeddings,
-                    bos_token_id, eos_token_id, pad_token_id, tie_word_embeddings,
-                  - `num_params()`; dataclasses.replace(cfg, field=value) gives a changed copy.
-    PRESETS       {name: dict of ModelConfig fields} (may be empty); `ModelConfig(**PRESETS[name])` builds one.
+                    bos_token_id, eos_token_id, pad_token_id, tie_word_embeddings, sliding_window (None or the
+                    trained window), rope_scaling (None, or LongRoPE's dict) and original_max_position_embeddings,
+                  - `num_params()`; `dataclasses.replace(cfg, field=value)` gives a changed copy.
+    PRESETS       {name: dict of ModelConfig fields} (may be empty); `config_from_name(name)` builds one.
     Model         an nn.Module built as `Model(cfg)` whose state-dict names equal the HF checkpoint's, with
         .config                         the ModelConfig
-        .forward(input_ids (B, T), positions=None (B, T) or (T,), cache=None, cache_slots=None (S',),
-                 attn_mask=None (B, 1, T, S) bool, return_hidden=False, targets=None (B, T), ignore_index=-100)
-                                        -> logits (B, T, V); hidden (B, T, C) with return_hidden;
-                                           the mean next-token loss (scalar) with targets (already shifted)
-        .make_cache(batch, slots, dtype=None, device=None) -> a cache whose `.pos` (B, S) holds each slot's position
+        .forward(input_ids (B, T), positions=None (B, T) or (T,), cache=None, cache_slots=None (T,),
+                 attn_mask=None (B, 1, T, S) bool, long_rope=None, return_hidden=False, targets=None (B, T),
+                 ignore_index=-100)
+                                        -> logits (B, T, V); hidden (B, T, C) with return_hidden; the mean
+                                           next-token loss with targets (already shifted: models/loss.py).
+                                           Position -1 marks padding. With a cache, the model writes
+                                           `cache.pos[:, cache_slots] = positions` and attends to every slot.
+                                           long_rope: None = transformers' rule, True/False forces the regime.
+        .make_cache(batch, slots, dtype=None, device=None) -> a models.cache.KVCache (the engine views and
+                                           compacts its rows and slots)
         .init_weights(seed=None)        the family's initialisation, in place
         .init_buffers()                 recompute non-persistent tables (rotary) after a meta-device build
         .embed                          the token-embedding module (input ids -> (.., C))
@@ -30,7 +36,8 @@ The module exposes:
         .lora_targets                   leaf names of the Linears LoRA adapts by default
         .gradient_checkpointing         a bool the training loop may set
     Quantization and LoRA find their Linears by walking `named_modules()` for nn.Linear (names as in the checkpoint)
-    and swap them in place; a model never tests what its Linears have become.
+    and swap them in place; a model never tests what its Linears have become. Kernel swaps for inference are
+    fast.prepare_for_inference(model), called once at load.
 """
 from __future__ import annotations
 

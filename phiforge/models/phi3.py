@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phiforge.models.cache import KVCache, build_mask
 from phiforge.models.loss import lm_head_loss
 from phiforge.utils import UserError
 
@@ -247,57 +248,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)  # partial rotary: pass the rest
 
 
-class KVCacheLayer(nn.Module):
-    """Static per-layer cache: keys/values (B, nkv, S, hs) plus the RoPE position held in each slot (-1 = empty)."""
-
-    def __init__(self, batch: int, slots: int, n_kv: int, head_dim: int, dtype, device, pos: torch.Tensor):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device), persistent=False)
-        self.pos = pos  # shared (B, S) tensor owned by KVCache
-
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        return self.k, self.v
-
-
-class KVCache(nn.Module):
-    """Preallocated cache for all layers. `pos[b, s]` is the RoPE position stored in slot s (-1 = empty/padding);
-    the attention mask is derived from it, so left padding, ring buffers and chunked prefill stay exact."""
-
-    def __init__(self, cfg: Phi3Config, batch: int, slots: int, dtype=torch.float32, device="cpu"):
-        super().__init__()
-        self.register_buffer("pos", torch.full((batch, slots), -1, dtype=torch.long, device=device), persistent=False)
-        self.layers = nn.ModuleList(KVCacheLayer(batch, slots, cfg.num_key_value_heads, cfg.head_dim, dtype, device,
-                                                 self.pos) for _ in range(cfg.num_hidden_layers))
-
-    @property
-    def batch(self) -> int:
-        return self.pos.shape[0]
-
-    @property
-    def slots(self) -> int:
-        return self.pos.shape[1]
-
-    def nbytes(self) -> int:
-        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers) + self.pos.nbytes
-
-    def reset(self) -> None:
-        self.pos.fill_(-1)
-
-
-def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """q_pos (B, T), k_pos (B, S) -> bool (B, 1, T, S): key visible iff 0 <= k <= q and q - k <= window."""
-    q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
-    mask = (k >= 0) & (k <= q)
-    if window is not None:
-        mask &= (q - k) <= window
-    # A padding query (position -1) sees everything: its output is discarded, but an all-masked row would make
-    # NaNs that later leak through 0 * NaN in attention over its (masked) key.
-    return mask | (q < 0)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Attention, MLP, block
 
@@ -416,7 +366,9 @@ class Phi3(nn.Module):
 
     def make_cache(self, batch: int, slots: int, dtype=None, device=None) -> KVCache:
         p = self.model.norm.weight
-        return KVCache(self.config, batch, slots, dtype=dtype or p.dtype, device=device or p.device)
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim,
+                       dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 cache_slots: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,

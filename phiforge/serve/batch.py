@@ -8,7 +8,7 @@
     state.remove(seq)                         # cancel: frees its row now (finished rows are freed automatically)
 
 Each sequence owns a cache *row*; all rows share a slot *cursor* (the slot the next decode step writes). The
-attention mask comes from the positions stored per slot (model.KVCache), so rows of different lengths, gaps left by
+attention mask comes from the positions stored per slot (models/cache.py), so rows of different lengths, gaps left by
 padding, compaction and re-prefills are all exact. `step()` runs one engine step and returns `Event`s.
 
 `add` raises `BatchFull` when all rows are busy; `state.free_rows()` says how many are left. A sequence added
