@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,39 @@ def test_config_precedence(tmp_path):
         resolve_config(Cfg, None, ["--stepz", "3"])
     with pytest.raises(UserError, match="expected an integer"):
         resolve_config(Cfg, None, ["--steps", "many"])
+
+
+
+def test_one_override_syntax_and_the_deprecated_spelling(capsys):
+    """Every training command takes `--set key=value` (dotted inside a mapping), in command-line order; the old
+    `--key value` spelling gives the same config plus one deprecation line naming the --set spelling."""
+    from phiforge.train.common import parse_stage_args
+    from phiforge.train.pretrain import PretrainConfig
+    from phiforge.train.sft import SFTConfig
+
+    new, _ = parse_stage_args("phiforge sft", "", SFTConfig, ["--model", "m", "--set", "max_steps=3", "--set",
+                                                              "betas=[0.8, 0.9]", "--set", "lora=true"],
+                              named=("model", "data"))
+    assert capsys.readouterr().err == ""
+    old, _ = parse_stage_args("phiforge sft", "", SFTConfig, ["--model", "m", "--max_steps", "3", "--betas=[0.8, 0.9]",
+                                                              "--lora"], named=("model", "data"))
+    assert old == new and (new.max_steps, new.betas, new.lora) == (3, [0.8, 0.9], True)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("phiforge sft: deprecated: --max_steps 3")
+    assert "--set max_steps=3 --set 'betas=[0.8, 0.9]' --set lora=true" in err[0]
+    cfg, args = parse_stage_args("phiforge pretrain", "", PretrainConfig,
+                                 ["--set", "model_args={hidden_size: 64, num_hidden_layers: 2}", "--set",
+                                  "model_args.hidden_size=32", "--set", "max_steps=5", "--max_steps", "6", "--resume"])
+    assert cfg.model_args == {"hidden_size": 32, "num_hidden_layers": 2} and cfg.max_steps == 6  # the last flag wins
+    assert args.resume == "latest"
+    for argv, message in ((["--set", "max_steps=many"], "config max_steps: expected an integer, got 'many'"),
+                          (["--set", "compile=1"], "config compile: expected true/false, got 1"),
+                          (["--set", "threads=x"], "config threads: expected an integer or null, got 'x'"),
+                          (["--set", "max_step=3"], "unknown config key 'max_step' in command-line flags; did you "
+                                                    "mean 'max_steps'?"),
+                          (["--set", "max_steps"], "use --set key=value")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse_stage_args("phiforge pretrain", "", PretrainConfig, argv)
 
 
 # -- training behaviour ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 A recipe (YAML or JSON) names an output root and a list of stages; each stage reads the previous stage's output
 unless it gives `inputs`, writes to <out>/<i>_<stage>, and gets `args` as --flags (lists expand, true = flag).
 Rerunning a recipe skips finished units of every stage, so it resumes after a kill. A report closes the run.
+`--set key=value` after the file overrides a top-level key (`--set out=runs/data2`), as on every phiforge command.
 
     out: runs/data
     stages:
@@ -58,19 +59,19 @@ def stage_argv(args: dict) -> list[str]:
 
 
 def run_recipe(argv: list[str] | None = None) -> int:
-    import yaml
+    """`phiforge data run RECIPE [--set key=value ...]`: the recipe file read like every phiforge config
+    (train/config.py: YAML, then --set overrides of its top-level keys, e.g. --set out=runs/data2)."""
+    from phiforge.train.config import load_yaml, nest, parse_set
 
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    path = Path(argv[0])
-    if not path.exists():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
-    if not isinstance(recipe, dict) or "out" not in recipe or not isinstance(recipe.get("stages"), list):
+    path, rest = Path(argv[0]), argv[1:]
+    sets = [v for flag, v in zip(rest[::2], rest[1::2]) if flag == "--set"]
+    if len(rest) % 2 or len(sets) != len(rest) // 2:
+        raise UserError(f"phiforge data run {path}: after the recipe file only --set key=value flags, got {rest}")
+    recipe = {**load_yaml(path, "data recipe"), **nest(parse_set(sets))}
+    if "out" not in recipe or not isinstance(recipe.get("stages"), list):
         raise UserError(f"{path}: a recipe needs `out:` and a list `stages:`")
     root = Path(recipe["out"])
     prev: list[str] | None = None

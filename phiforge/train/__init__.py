@@ -1,6 +1,8 @@
 """Training stages (tokenize, pretrain, plot, sft, dpo) and the pieces they share:
 
-  config.py    dataclass configs: defaults < YAML < --key value flags; print / save the resolved config
+  config.py    dataclass configs: defaults < YAML < --set key=value flags (pydantic-checked); print / save them
+  common.py    what pretrain, sft and dpo share: the command-line preamble, device, model + tokenizer loading,
+               value checks, the metrics log, export
   schedule.py  AdamW construction, warmup+cosine and warmup-stable-decay learning rates (pure functions)
   state.py     exact-resume checkpoints (model, optimizer, RNG, caller meta such as data cursors)
   (the next-token loss is phiforge/models/loss.py)

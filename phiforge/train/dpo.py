@@ -1,9 +1,9 @@
 """Direct preference optimisation: DPO (sigmoid), IPO or conservative DPO on preference pairs.
 
     phiforge dpo --model runs/sft/final --data ../shared/data/preference/dpo_en_demo.json --out runs/dpo
-    phiforge dpo --model runs/sft/final --data pairs.jsonl --loss ipo --beta 0.5 --out runs/ipo
-    phiforge dpo --model runs/sft/final --data pairs.jsonl --loss cdpo --label_smoothing 0.1 --out runs/cdpo
-    phiforge dpo --model runs/sft/final --data pairs.jsonl --lora true --out runs/dpo-lora     # ref = adapters off
+    phiforge dpo --model runs/sft/final --data pairs.jsonl --set loss=ipo --set beta=0.5 --out runs/ipo
+    phiforge dpo --model runs/sft/final --data pairs.jsonl --set loss=cdpo --set label_smoothing=0.1 --out runs/cdpo
+    phiforge dpo --model runs/sft/final --data pairs.jsonl --set lora=true --out runs/dpo-lora   # ref = adapters off
     phiforge dpo --config runs/dpo/config.yaml --out runs/dpo --resume              # continue exactly
 
 Data (chat_data.to_preference): {prompt, chosen, rejected} (strings or message lists), ShareGPT pairs
@@ -12,7 +12,7 @@ AlpacaEval annotations. Each side is rendered with the model's chat template; th
 assistant turn (answer, <|end|> and the closing eos), the same span the SFT mask trains. Bad pairs (a missing role,
 an empty answer, longer than seq_len) are skipped and counted.
 
-Reference log-probs: full fine-tuning computes them once with the initial model (or --ref_model) before the first
+Reference log-probs: full fine-tuning computes them once with the initial model (or ref_model) before the first
 step and caches them in OUT/ref_logps.safetensors (a resumed run reads the cache, never the moved policy). With LoRA
 the reference is the same model with its adapters switched off (phiforge.lora.disable_adapters), no second copy.
 Logged metrics (train and held-out): loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins
@@ -20,12 +20,11 @@ with r = beta * (log pi - log pi_ref) summed over the answer tokens (as TRL repo
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,58 +32,30 @@ from safetensors.torch import load_file, save
 
 from phiforge.lora import disable_adapters, lora_modules
 from phiforge.train.chat_data import SkipReport, build_pairs, collate_pairs, split
-from phiforge.train.config import format_config, parse_overrides, resolve_config, save_config
+from phiforge.train.common import (MetricsLog, PostTrainConfig, add_adapters, check_choice, export, optimizer_step,
+                                   parse_stage_args, posttrain_setup)
+from phiforge.train.config import save_config
 from phiforge.train.pref_losses import cdpo_loss, dpo_loss, ipo_loss, preference_metrics, sequence_logps
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
-from phiforge.train.sft import (add_adapters, export, fit_seq_len, load_model_and_tokenizer, make_logger, pick_device,
-                                read_data, reset_metrics)
-from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
-from phiforge.utils import ArgumentParser, UserError, atomic_write_bytes, atomic_write_json
+from phiforge.train.state import load_checkpoint, save_checkpoint
+from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
 
 LOSSES = ("dpo", "ipo", "cdpo")
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(PostTrainConfig):
+    """PostTrainConfig (train/common.py: data, optimizer, schedule, LoRA, evaluation, checkpoints) with DPO's defaults,
+    plus the reference model and the loss."""
     out: str = "runs/dpo"
-    seed: int = 0
-    model: str = ""  # the SFT model (HF folder with tokenizer)
-    ref_model: str = ""  # default: the initial `model` (full fine-tuning) / adapters off (LoRA)
-    data: list = field(default_factory=list)
-    max_records: int = 0
     val_frac: float = 0.1
-    val_max: int = 200
-    seq_len: int = 1024
+    batch_size: int = 4  # pairs per micro-batch
+    lr: float = 5e-7
+    lora_dropout: float = 0.0
+    ref_model: str = ""  # default: the initial `model` (full fine-tuning) / adapters off (LoRA)
     loss: str = "dpo"  # dpo | ipo | cdpo
     beta: float = 0.1
     label_smoothing: float = 0.0  # cdpo's eps
-    batch_size: int = 4  # pairs per micro-batch
-    grad_accum: int = 1
-    lr: float = 5e-7
-    min_lr: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int = 10
-    decay_steps: int = 0
-    max_steps: int = 0  # 0 = `epochs` passes
-    epochs: float = 1.0
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    dtype: str = "fp32"
-    device: str = "auto"
-    threads: int | None = None
-    lora: bool = False
-    qlora: bool = False
-    qlora_group_size: int = 64
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-    eval_every: int = 50
-    ckpt_every: int = 100
-    keep_last: int = 2
-    log_every: int = 10
-    export: bool = True
 
 
 def pair_logps(model, pairs, pad_id: int, device, dtype: str = "fp32"):
@@ -128,39 +99,20 @@ def fingerprint(pairs, model_path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = ArgumentParser(prog="phiforge dpo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Any DPOConfig field can be set with --key value or --key=value.")
-    ap.add_argument("--config", help="YAML settings (between the defaults and the flags)")
-    ap.add_argument("--resume", nargs="?", const="latest", default=None,
-                    help="continue from the latest checkpoint in --out (or the given checkpoint directory)")
-    ap.add_argument("--data", nargs="+", help="data files (.json / .jsonl, optionally .gz)")
-    args, rest = ap.parse_known_args(argv)
-    flags = parse_overrides(rest)
-    if args.data:
-        flags["data"] = args.data
-    cfg = resolve_config(DPOConfig, args.config, flags)
-    if cfg.loss not in LOSSES:
-        raise UserError(f"unknown loss {cfg.loss!r}; use one of {', '.join(LOSSES)}")
+    cfg, args = parse_stage_args("phiforge dpo", __doc__, DPOConfig, argv, named=("model", "data"))
+    return train(cfg, args.resume)
+
+
+def train(cfg: DPOConfig, resume: str | None = None) -> int:
+    """Train as `cfg` says; `resume`: None (fresh), "latest" or a checkpoint directory. `phiforge recipe` calls
+    this with the config it built."""
+    check_choice(cfg, "loss", LOSSES)
     if cfg.beta <= 0 or not 0 <= cfg.label_smoothing < 0.5:
         raise UserError("need beta > 0 and 0 <= label_smoothing < 0.5")
-    for k in ("seq_len", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"{k} must be >= 1 (got {getattr(cfg, k)})")
-    if cfg.qlora:
-        cfg.lora = True
+    cfg, ckpt_path, device, model, tok, records = posttrain_setup(cfg, resume, "dpo")
     out = Path(cfg.out)
-    print(format_config(cfg), end="", file=sys.stderr)
-    ckpt_path = resume_point(out, args.resume)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-
-    model, tok = load_model_and_tokenizer(cfg.model, device)
-    cfg = fit_seq_len(cfg, model, "dpo")
     report = SkipReport()
-    pairs, report = build_pairs(read_data(cfg.data, cfg.max_records), tok, cfg.seq_len, report)
+    pairs, report = build_pairs(records, tok, cfg.seq_len, report)
     print(report.summary("preference data"), file=sys.stderr)
     if len(pairs) < 2:
         raise UserError("fewer than 2 usable preference pairs (see the skip counts above)")
@@ -210,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     save_config(cfg, out / "config.yaml")
     atomic_write_json(out / "data_report.json", {"preference": report.as_dict(), "train": len(train),
                                                  "val": len(val)})
-    metrics_path = out / "metrics.jsonl"
-    reset_metrics(metrics_path, step, ckpt_path is not None)
-    log = make_logger(metrics_path)
+    log = MetricsLog(out / "metrics.jsonl", step, ckpt_path is not None)
     print(f"dpo: {len(train)} train / {len(val)} val pairs, loss {cfg.loss} beta {cfg.beta}, {max_steps} steps, "
           f"device {device}" + (f", resumed from {ckpt_path} at step {step}" if ckpt_path else ""), file=sys.stderr)
 
@@ -271,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             (loss / cfg.grad_accum).backward()
             sums["loss"] += loss.item() / cfg.grad_accum
             stats.append((pw.detach(), pl.detach(), rw, rl))
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, cfg.grad_clip)
         step += 1
         if not math.isfinite(sums["loss"]):
             raise UserError(f"loss is {sums['loss']} at step {step}; lower lr")
@@ -298,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo: held-out reward accuracy {final['val_rewards/accuracies']:.3f} on {len(val)} pairs, "
               f"margin {final['val_rewards/margins']:.4f}", file=sys.stderr)
     if cfg.export:
-        export(model, tok, out, cfg, cfg.model)
+        export(model, tok, out, cfg.model)
         print(f"dpo: exported {out / 'final'}" + (f" and {out / 'adapter'}" if lora_modules(model) else ""),
               file=sys.stderr)
     return 0

@@ -1,13 +1,14 @@
 """Pretraining: packed token shards -> a Phi-3-architecture model, in phases with per-phase source mixtures.
 
     phiforge pretrain --config recipes/tinystories.yaml
-    phiforge pretrain --config recipes/tinystories.yaml --max_steps 200 --out runs/ts2      # flags override YAML
+    phiforge pretrain --config recipes/tinystories.yaml --set max_steps=200 --out runs/ts2  # flags override YAML
     phiforge pretrain --config recipes/tinystories.yaml --out runs/ts2 --resume             # continue exactly
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m phiforge.train.pretrain \\
-        --config recipes/tinystories.yaml --parallel ddp                                     # or fsdp2
+        --config recipes/tinystories.yaml --set parallel=ddp                                 # or fsdp2
 
-Config precedence: PretrainConfig defaults < the YAML file < --key value flags. The resolved config is printed at
-start and saved as config.yaml in the run directory and in every checkpoint. Run directory layout:
+Config precedence: PretrainConfig defaults < the --config YAML < flags (--set key=value; train/config.py). The
+resolved config is printed at start and saved as config.yaml in the run directory and in every checkpoint. Run
+directory layout:
   config.yaml, metrics.jsonl (one JSON record per step; validation records carry "val/<source>"),
   ckpt/step_XXXXXXXX/ (exact-resume state, see state.py), final/ (HF folder: transformers loads it).
 
@@ -19,10 +20,8 @@ depend on the number of ranks for a fixed global batch.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
 import shlex
 import signal
@@ -37,11 +36,12 @@ import torch
 
 from phiforge.perplexity import document_stream, evaluate_rolling, read_last_documents
 from phiforge.train import all_reduce_mean, cleanup_distributed, init_distributed, wrap_model
-from phiforge.train.config import format_config, resolve_config, save_config
+from phiforge.train.common import MetricsLog, check_choice, check_positive, parse_stage_args, start
+from phiforge.train.config import save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.shards import open_shard, read_meta, shard_paths
-from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
-from phiforge.utils import ArgumentParser, UserError, atomic_write_text
+from phiforge.train.state import load_checkpoint, save_checkpoint
+from phiforge.utils import UserError
 
 
 @dataclass
@@ -298,28 +298,21 @@ class _GracefulInterrupt:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = ArgumentParser(prog="phiforge pretrain", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Any PretrainConfig field can be set with --key value or --key=value.")
-    ap.add_argument("--config", help="recipe YAML (settings between the defaults and the flags)")
-    ap.add_argument("--resume", nargs="?", const="latest", default=None,
-                    help="continue from the latest checkpoint in --out (or from the given checkpoint directory)")
-    args, rest = ap.parse_known_args(argv)
+    cfg, args = parse_stage_args("phiforge pretrain", __doc__, PretrainConfig, argv)
+    return train(cfg, args.resume, argv)
 
-    # -- config: defaults < YAML < flags
-    cfg = resolve_config(PretrainConfig, args.config, rest)
+
+def train(cfg: PretrainConfig, resume: str | None = None, argv: list[str] | None = None) -> int:
+    """Pretrain as `cfg` says; `resume`: None (fresh), "latest" or a checkpoint directory; `argv`: the command line,
+    for the resume command printed after a Ctrl-C. `phiforge recipe` calls this with the config it built."""
     if not cfg.sources:
         raise UserError("no data sources: set `sources: {name: token_dir}` in the config")
-    for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "log_every"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"{k} must be >= 1 (got {getattr(cfg, k)})")
-    if cfg.dtype not in ("fp32", "bf16", "auto"):
-        raise UserError(f"dtype must be fp32, bf16 or auto (got {cfg.dtype!r})")
+    check_positive(cfg, "seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "log_every")
+    check_choice(cfg, "dtype", ("fp32", "bf16", "auto"))
     heldout = check_heldout(cfg.heldout)
     cfg = fit_warmup(cfg)
     check_schedule(cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.decay_steps)
-    if cfg.clock not in ("steps", "time"):
-        raise UserError(f"clock must be steps or time (got {cfg.clock!r})")
+    check_choice(cfg, "clock", ("steps", "time"))
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise UserError(f"max_minutes must be > 0 (got {cfg.max_minutes})")
     if cfg.clock == "time" and cfg.max_minutes is None:
@@ -327,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, d in cfg.sources.items():
         if not isinstance(d, str) or not d:
             raise UserError(f"source {n!r} needs a token directory path, got {d!r} (on the command line write "
-                            "--sources '{name: path}', with a space after the colon)")
+                            "--set 'sources={name: path}', with a space after the colon)")
     names = list(cfg.sources)
     phases = check_phases(cfg.phases, names)
 
@@ -350,15 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     # -- processes, threads, seeds
     rank, world, device = init_distributed(cfg.parallel)
     master = rank == 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.dtype == "auto":
         cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    if master:
-        print(format_config(cfg), end="", file=sys.stderr)
-    ckpt_path = resume_point(out, args.resume)
+    ckpt_path = start(cfg, resume, master)
 
     # -- model
     from phiforge import models
@@ -408,24 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         clock_t0 = meta.get("schedule", {}).get("t0")
         if set(cursors) != set(names):
             raise UserError(f"checkpoint {ckpt_path} has sources {sorted(cursors)}, the config {sorted(names)}")
-    metrics_path = out / "metrics.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        if ckpt_path is not None and metrics_path.exists():  # drop records the killed run wrote after the checkpoint
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
-        elif ckpt_path is None:
-            atomic_write_text(metrics_path, "")
+    log = MetricsLog(out / "metrics.jsonl", step, ckpt_path is not None, master)
+    if master:
         print(f"pretrain: {n_params / 1e6:.2f}M parameters, world {world} ({cfg.parallel}), device {device}, "
               f"global batch {cfg.batch_size * cfg.grad_accum * world} x {cfg.seq_len} tokens"
               + (f", resumed from {ckpt_path} at step {step}" if ckpt_path else ""), file=sys.stderr)
-
-    def log(record: dict) -> None:
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
 
     def forward_loss(batch: torch.Tensor) -> torch.Tensor:
         x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
@@ -558,10 +536,11 @@ def main(argv: list[str] | None = None) -> int:
                 bar.close()
                 interrupt.restore()
                 if master:
-                    resume = _without_resume(argv, args.resume)
+                    again = (shlex.join(_without_resume(argv, resume)) if argv is not None
+                             else f"--config {shlex.quote(str(out / 'config.yaml'))}")
                     print(f"\npretrain: interrupted; saved a checkpoint at step {step} in {out / 'ckpt'}. "
                           "Continue with:\n"
-                          f"  phiforge pretrain {shlex.join(resume)} --resume", file=sys.stderr)
+                          f"  phiforge pretrain {again} --resume", file=sys.stderr)
                 cleanup_distributed()
                 return 130
             if step % cfg.eval_every == 0 or step == cfg.max_steps or stop:

@@ -1,182 +1,53 @@
 """Supervised fine-tuning on chat data with the loss on assistant tokens only.
 
     phiforge sft --model runs/pretrain/final --data ../shared/data/sft/alpaca_en_demo.json --out runs/sft
-    phiforge sft --config runs/sft/config.yaml --max_steps 50 --out runs/sft2         # flags override YAML
+    phiforge sft --config runs/sft/config.yaml --set max_steps=50 --out runs/sft2     # flags override YAML
     phiforge sft --config runs/sft/config.yaml --out runs/sft2 --resume               # continue exactly
-    phiforge sft --model runs/pretrain/final --data chats.jsonl --lora true --lora_r 16 --out runs/sft-lora
+    phiforge sft --model runs/pretrain/final --data chats.jsonl --set lora=true --set lora_r=16 --out runs/sft-lora
 
 Data: `messages` jsonl, Alpaca (instruction/input/output[/history]) or ShareGPT (conversations) records, .json or
 .jsonl (.gz); each is rendered with the model's own chat template (phiforge.tokenizer) and trained on the assistant
 tokens, including the `<|end|>` closing each assistant turn (chat_data.py). Records that do not fit (a missing role,
 an empty answer, longer than seq_len) are skipped and counted, never truncated; the counts are printed and saved in
 data_report.json. Packing (default) puts several conversations in one row with positions restarting at 0 and a
-block-diagonal causal mask, so they never see each other; `--packing false` pads instead.
+block-diagonal causal mask, so they never see each other; `--set packing=false` pads instead.
 
-Config precedence: SFTConfig defaults < YAML < --key value flags; the resolved config is printed and saved beside
-every checkpoint. Run directory: config.yaml, data_report.json, metrics.jsonl, ckpt/step_XXXXXXXX/ (exact resume:
-model, optimizer, RNG, data cursor), final/ (HF folder; LoRA is merged into it) and, with LoRA, adapter/ (PEFT format).
+Config precedence: SFTConfig defaults < --config YAML < flags (--set key=value; train/config.py); the resolved
+config is printed and saved beside every checkpoint. Run directory: config.yaml, data_report.json, metrics.jsonl,
+ckpt/step_XXXXXXXX/ (exact resume: model, optimizer, RNG, data cursor), final/ (HF folder; LoRA is merged into it)
+and, with LoRA, adapter/ (PEFT format).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from phiforge.train.chat_data import SkipReport, batches, build_sft, read_records, split
-from phiforge.train.config import format_config, parse_overrides, resolve_config, save_config
+from phiforge.train.chat_data import SkipReport, batches, build_sft, split
+from phiforge.train.common import (MetricsLog, PostTrainConfig, add_adapters, check_choice, export, optimizer_step,
+                                   parse_stage_args, posttrain_setup)
+from phiforge.train.config import save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
-from phiforge.train.state import load_checkpoint, resume_point, save_checkpoint
-from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text
+from phiforge.train.state import load_checkpoint, save_checkpoint
+from phiforge.utils import UserError, atomic_write_json
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(PostTrainConfig):
+    """PostTrainConfig (train/common.py: data, optimizer, schedule, LoRA, evaluation, checkpoints) plus packing and the
+    held-out <|end|> check."""
     out: str = "runs/sft"
-    seed: int = 0
-    model: str = ""  # HF folder with tokenizer files (e.g. a pretrain run's final/)
-    data: list = field(default_factory=list)  # files; formats auto-detected per record
-    max_records: int = 0  # 0 = all (per file, first N)
-    val_frac: float = 0.05
-    val_max: int = 200
-    seq_len: int = 1024  # the context: longer conversations are skipped, never truncated
     packing: bool = True
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-5
-    min_lr: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int = 10
-    decay_steps: int = 0
-    max_steps: int = 0  # 0 = `epochs` passes over the training data
-    epochs: float = 1.0
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    dtype: str = "fp32"  # fp32 | bf16 (autocast)
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None
-    # LoRA (module swap, phiforge.lora); qlora puts it over a 4-bit base (phiforge.quant)
-    lora: bool = False
-    qlora: bool = False
-    qlora_group_size: int = 64
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: list = field(default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-    eval_every: int = 50
-    ckpt_every: int = 100
-    keep_last: int = 2
-    log_every: int = 10
-    export: bool = True
     end_eval: int = 100  # held-out prompts answered greedily at the end: how many end with <|end|> (0 = skip)
     end_max_new_tokens: int = 256
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pieces shared with dpo.py
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda asked for, but torch sees no GPU")
-    return torch.device(name)
-
-
-def load_model_and_tokenizer(path: str, device: torch.device):
-    from phiforge import load
-
-    if not path:
-        raise UserError("no --model: give an HF model folder with tokenizer files (e.g. runs/pretrain/final)")
-    model, tok = load(path, dtype=torch.float32, device=str(device))
-    if tok is None:
-        raise UserError(f"{path} has no tokenizer files; post-training needs the model's chat template")
-    for t in ("<|user|>", "<|assistant|>", "<|end|>"):
-        if tok.token_to_id(t) is None:
-            raise UserError(f"the tokenizer of {path} has no {t} token; it cannot render the Phi-3 chat format")
-    return model, tok
-
-
-def fit_seq_len(cfg, model, stage: str):
-    """cfg with a seq_len the model can take. The default (1024) is longer than a small model's context (the
-    recipe's has 512 positions), so a default that does not fit becomes the model's whole context, with a notice;
-    a seq_len the user chose that does not fit stays an error."""
-    n = model.config.max_position_embeddings
-    if cfg.seq_len <= n:
-        return cfg
-    if cfg.seq_len != type(cfg).seq_len:
-        raise UserError(f"seq_len {cfg.seq_len} > the model's max_position_embeddings {n}")
-    print(f"{stage}: seq_len {n}, the model's max_position_embeddings (the default {cfg.seq_len} does not fit)",
-          file=sys.stderr)
-    return dataclasses.replace(cfg, seq_len=n)
-
-
-def add_adapters(model, cfg) -> list[str]:
-    """LoRA (or QLoRA: int4 base first) on cfg.lora_targets; everything else frozen."""
-    from phiforge.lora import apply_lora
-
-    if cfg.qlora:
-        from phiforge.lora import prepare_qlora_base
-        prepare_qlora_base(model, cfg.qlora_group_size)
-    return apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-
-
-def export(model, tok, out: Path, cfg, base_path: str) -> None:
-    """out/final: an HF folder (LoRA merged into a copy); with LoRA also out/adapter in PEFT format."""
-    import copy
-
-    from phiforge.checkpoint import save_hf_folder
-    from phiforge.lora import lora_modules, merge_lora, save_adapter
-
-    if lora_modules(model):
-        save_adapter(model, out / "adapter", base_model_name_or_path=str(Path(base_path).resolve()))
-        model = merge_lora(copy.deepcopy(model))
-    for name, m in list(model.named_modules()):  # QLoRA: the non-adapted int4 modules (lm_head) back to float
-        if hasattr(m, "dequantize") and not isinstance(m, torch.nn.Linear):
-            lin = torch.nn.Linear(m.in_features, m.out_features, bias=getattr(m, "bias", None) is not None)
-            with torch.no_grad():
-                lin.weight.copy_(m.dequantize().float())
-                if lin.bias is not None:
-                    lin.bias.copy_(m.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, lin.to(m.dequantize().device))
-    model.__dict__.pop("quant_config", None)
-    save_hf_folder(model.eval(), out / "final", tok)
-
-
-def read_data(files: list, max_records: int) -> list[dict]:
-    if not files:
-        raise UserError("no --data files given")
-    files = [files] if isinstance(files, str) else files
-    records = []
-    for f in files:
-        recs = read_records(f)
-        records += recs[:max_records] if max_records > 0 else recs
-    return records
-
-
-def make_logger(path: Path):
-    def log(record: dict) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    return log
-
-
-def reset_metrics(path: Path, step: int, resumed: bool) -> None:
-    """Fresh run: empty metrics.jsonl. Resumed: drop the records a killed run wrote after its checkpoint."""
-    if resumed and path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-    else:
-        atomic_write_text(path, "")
+# The held-out <|end|> check
 
 
 def last_prompt(example: tuple[list[int], list[int]]) -> list[int]:
@@ -211,38 +82,18 @@ def end_rate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int = 128)
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = ArgumentParser(prog="phiforge sft", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Any SFTConfig field can be set with --key value or --key=value.")
-    ap.add_argument("--config", help="YAML settings (between the defaults and the flags)")
-    ap.add_argument("--resume", nargs="?", const="latest", default=None,
-                    help="continue from the latest checkpoint in --out (or the given checkpoint directory)")
-    ap.add_argument("--data", nargs="+", help="data files (.json / .jsonl, optionally .gz)")
-    args, rest = ap.parse_known_args(argv)
-    flags = parse_overrides(rest)
-    if args.data:
-        flags["data"] = args.data
-    cfg = resolve_config(SFTConfig, args.config, flags)
-    for k in ("seq_len", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"{k} must be >= 1 (got {getattr(cfg, k)})")
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise UserError(f"dtype must be fp32 or bf16 (got {cfg.dtype!r})")
-    if cfg.qlora:
-        cfg.lora = True
-    out = Path(cfg.out)
-    print(format_config(cfg), end="", file=sys.stderr)
-    ckpt_path = resume_point(out, args.resume)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    cfg, args = parse_stage_args("phiforge sft", __doc__, SFTConfig, argv, named=("model", "data"))
+    return train(cfg, args.resume)
 
-    # -- model and data
-    model, tok = load_model_and_tokenizer(cfg.model, device)
-    cfg = fit_seq_len(cfg, model, "sft")
+
+def train(cfg: SFTConfig, resume: str | None = None) -> int:
+    """Fine-tune as `cfg` says; `resume`: None (fresh), "latest" or a checkpoint directory. `phiforge recipe`
+    calls this with the config it built."""
+    check_choice(cfg, "dtype", ("fp32", "bf16"))
+    cfg, ckpt_path, device, model, tok, records = posttrain_setup(cfg, resume, "sft")
+    out = Path(cfg.out)
     report = SkipReport()
-    examples, report = build_sft(read_data(cfg.data, cfg.max_records), tok, cfg.seq_len, report)
+    examples, report = build_sft(records, tok, cfg.seq_len, report)
     print(report.summary("sft data"), file=sys.stderr)
     if not examples:
         raise UserError("no usable SFT records (see the skip counts above)")
@@ -267,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     atomic_write_json(out / "data_report.json", {"sft": report.as_dict(), "train": len(train), "val": len(val)})
-    metrics_path = out / "metrics.jsonl"
-    reset_metrics(metrics_path, step, ckpt_path is not None)
-    log = make_logger(metrics_path)
+    log = MetricsLog(out / "metrics.jsonl", step, ckpt_path is not None)
     print(f"sft: {len(train)} train / {len(val)} val conversations, {steps_per_epoch} steps per epoch, "
           f"{max_steps} steps, {n_train:,} trainable parameters, device {device}"
           + (f", resumed from {ckpt_path} at step {step}" if ckpt_path else ""), file=sys.stderr)
@@ -317,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = loss_on(batch)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, cfg.grad_clip)
         step += 1
         loss_value = loss_sum / cfg.grad_accum
         if not math.isfinite(loss_value):
@@ -345,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"<|end|> (mean {final['mean_len']:.1f} tokens)", file=sys.stderr)
     atomic_write_json(out / "eval.json", {**final, "elapsed_s": round(time.time() - t0, 1)})
     if cfg.export:
-        export(model, tok, out, cfg, cfg.model)
+        export(model, tok, out, cfg.model)
         print(f"sft: exported {out / 'final'}" + (f" and {out / 'adapter'}" if cfg.lora else ""), file=sys.stderr)
     return 0
 
