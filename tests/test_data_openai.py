@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_stub import OpenAIStub  # noqa: E402
 
 from phiforge.data import annotate, synth  # noqa: E402
-from phiforge.data.client import ChatClient, RequestFailed  # noqa: E402
+from phiforge.client import ChatClient, RequestFailed  # noqa: E402
 from phiforge.data.io import read_jsonl  # noqa: E402
 from phiforge.utils import UserError  # noqa: E402
 
