@@ -150,3 +150,9 @@ def check_writable(path: str | os.PathLike, kind: str = "file", flag: str = "--o
     if not os.access(anc, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {p}: folder {anc} is not writable")
     return p
+
+
+def set_module(model, name: str, new) -> None:
+    """Put `new` in place of the submodule called `name` (dotted, as named_modules() names it)."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)

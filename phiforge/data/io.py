@@ -12,7 +12,8 @@ files whose documents are separated per --text-sep (eot: "<|endoftext|>", line, 
 
 This module is also the one place every other part of phiforge reads and writes data files through: `open_text`
 (utf-8, .gz by suffix), `read_jsonl` / `write_jsonl` (atomic, .gz by suffix, reproducible bytes), `read_documents`
-(the strict reader the tokenizer uses) and `expand_files` (a file or a folder of files with given suffixes).
+(the strict reader the tokenizer uses), `read_text` (a file or folder as one text: perplexity, GPTQ calibration)
+and `expand_files` (a file or a folder of files with given suffixes).
 """
 from __future__ import annotations
 
@@ -199,6 +200,81 @@ def read_documents(path: Path, text_key: str = "text", text_sep: str = "eot") ->
             yield from (p.strip() for p in parts if p.strip())
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise UserError(f"could not read {path}: {e}") from None
+
+
+# what read_text takes: evaluation and calibration text (perplexity, GPTQ)
+TEXT_SUFFIXES = (".txt", ".gz", ".jsonl", ".json", ".parquet", ".md", ".raw", ".tokens")
+
+
+def _check_not_binary(p: Path, head: bytes) -> None:
+    """A NUL byte in the first block: an image, a checkpoint, a shard... Decoding megabytes of it with errors=replace
+    and tokenizing the result takes minutes and measures nothing."""
+    if b"\0" in head:
+        raise UserError(f"{p} looks like a binary file, not text (it holds NUL bytes); pass a text file")
+
+
+def _read_one(p: Path, max_chars: int | None = None) -> str:
+    """The text of one file; with max_chars, stop reading after about that many characters."""
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(p)
+        except Exception as e:  # pyarrow raises its own types for a file that is not parquet
+            raise UserError(f"{p} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+        if "text" not in pf.schema_arrow.names:
+            raise UserError(f"{p} has no 'text' column (columns: {pf.schema_arrow.names})")
+        texts, n = [], 0
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            for t in batch.column(0).to_pylist():
+                if t:
+                    texts.append(t)
+                    n += len(t) + 1
+            if max_chars is not None and n >= max_chars:
+                break
+        return "\n".join(texts)
+    try:
+        with (gzip.open if p.suffix == ".gz" else open)(p, "rb") as fb:
+            _check_not_binary(p, fb.read(8192))
+        if ".jsonl" in p.suffixes:
+            return _read_jsonl_text(p, max_chars)
+        with open_text(p, newline=None) as f:
+            return f.read(-1 if max_chars is None else max_chars)
+    except (OSError, EOFError) as e:  # unreadable, or a .gz that is not gzip
+        raise UserError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _read_jsonl_text(p: Path, max_chars: int | None) -> str:
+    """The 'text' fields of a JSON-lines file, read as `phiforge tokenize` reads them (one error per bad line)."""
+    texts, n = [], 0
+    for text in read_documents(p, "text", "file"):
+        texts.append(text)
+        n += len(text) + 1
+        if max_chars is not None and n >= max_chars:
+            break
+    return "\n".join(texts)
+
+
+def read_text(path: str, max_chars: int | None = None) -> str:
+    """A text file (.txt/.gz/.jsonl with 'text'/.parquet with 'text'), or a folder of them (prefers files whose
+    name contains 'test', as in wikitext's test split). max_chars: stop after about that many characters."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path} does not exist")
+    if not p.is_dir():
+        return _read_one(p, max_chars)
+    files = sorted(f for f in p.rglob("*") if f.is_file() and any(s in TEXT_SUFFIXES for s in f.suffixes))
+    test = [f for f in files if "test" in f.name]
+    files = test or files
+    if not files:
+        raise UserError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+    texts, n = [], 0
+    for f in files:
+        texts.append(_read_one(f, None if max_chars is None else max_chars - n))
+        n += len(texts[-1]) + 1
+        if max_chars is not None and n >= max_chars:
+            break
+    return "\n".join(texts)
 
 
 @dataclass
