@@ -16,7 +16,6 @@ names), PEFT 0.21.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json, set_module
+from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json, read_json, set_module
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -186,10 +185,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
         raise UserError(f"{folder} is not a LoRA adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}; "
                         "pickled adapter_model.bin files are never opened)")
-    try:
-        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+    cfg = read_json(folder / ADAPTER_CONFIG)
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") \
             or cfg.get("alpha_pattern") or cfg.get("bias", "none") != "none":
         raise UserError(f"{folder}: only plain LoRA adapters are supported (no DoRA/rsLoRA/per-layer ranks/bias)")
