@@ -69,7 +69,7 @@ def input_files(paths: list[str]) -> list[Path]:
 
 def open_text(path: str | os.PathLike, *, newline: str | None = "") -> io.TextIOBase:
     """A utf-8 text reader, gunzipping a .gz. errors="replace": a stray invalid byte must not kill a run.
-    newline="" keeps "\r\n" as written; None translates it to "\n"."""
+    newline="" keeps "\\r\\n" as written; None translates it to "\\n"."""
     raw = gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=newline)
 
