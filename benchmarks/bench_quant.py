@@ -37,8 +37,9 @@ import torch.nn as nn
 from phiforge.generate import compiled_cache_len, decode_one_token, prefill
 from phiforge.models import config_from_name
 from phiforge.models.phi3 import Phi3, Phi3Config, RotaryEmbedding
-from phiforge.quant import Int4Linear, _set_module, quantize_int4
-from phiforge.utils import llama_cpp_bin
+from phiforge.quant import Int4Linear, quantize_int4
+from phiforge.utils import llama_cpp_bin, set_module
+
 
 def build_int4(cfg: Phi3Config, group_size: int, seed: int = 0) -> Phi3:
     """Random int4 weights straight into Int4Linear (a float phi-3-mini would need 15 GB first)."""
@@ -47,11 +48,11 @@ def build_int4(cfg: Phi3Config, group_size: int, seed: int = 0) -> Phi3:
         model = Phi3(cfg)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear):
-            q = Int4Linear(mod.in_features, mod.out_features, group_size)
-            q.qweight.random_(0, 256, generator=gen)
-            q.scales.uniform_(0.002, 0.006, generator=gen)  # ~N(0, 0.02)-sized weights
-            q.offsets.copy_(-8 * q.scales)  # symmetric: w = s * (q - 8), ggml's Q4_0 (exact: a power of two)
-            _set_module(model, name, q)
+            n, k = mod.out_features, mod.in_features
+            codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+            s = torch.empty(n, k // group_size).uniform_(0.002, 0.006, generator=gen).half()  # ~N(0, 0.02) weights
+            # symmetric: w = s * (q - 8), ggml's Q4_0 (the offsets are exact: -8 is a power of two)
+            set_module(model, name, Int4Linear.from_codes(codes, s, -8 * s, group_size))
     model.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
     nn.init.normal_(model.model.embed_tokens.weight, 0, 0.02)
     for mod in model.modules():
@@ -68,7 +69,7 @@ def requantize(model: Phi3, group_size: int) -> Phi3:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Int4Linear):
             codes, s, m = quantize_int4(mod.dequantize(), group_size, symmetric=False)
-            _set_module(model, name, Int4Linear.from_codes(codes, s, m, group_size))
+            set_module(model, name, Int4Linear.from_codes(codes, s, m, group_size))
     return model
 
 
@@ -78,7 +79,7 @@ def to_bf16(model: Phi3) -> Phi3:
         if isinstance(mod, Int4Linear):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=False, dtype=torch.bfloat16)
             lin.weight.data = mod.dequantize().to(torch.bfloat16)
-            _set_module(model, name, lin)
+            set_module(model, name, lin)
     return model.to(torch.bfloat16)
 
 
@@ -116,7 +117,7 @@ def write_q4_0_gguf(model: Phi3, path: Path) -> Path:
 def float_state_small(model: Phi3) -> dict[str, torch.Tensor]:
     """The non-int4 tensors (embedding, norms) under their HF names."""
     return {k: v for k, v in model.state_dict().items()
-            if k.rsplit(".", 1)[-1] not in ("qweight", "scales", "offsets")}
+            if k.rsplit(".", 1)[-1] not in ("qweight", "sm")}
 
 
 def find_llama_cpp(arg: str | None) -> Path | None:

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phiforge import models
-from phiforge.utils import UserError, atomic_write_json, normal_mode, progress
+from phiforge.utils import UserError, atomic_write_json, normal_mode, progress, read_json
 
 LOAD_BAR_BYTES = 256 << 20  # models at least this big show a loading bar
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
@@ -76,10 +76,7 @@ def read_config(folder: Path):
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise UserError(f"{folder} has no config.json")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
+    hf = read_json(cfg_path)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in hf]
     if missing:

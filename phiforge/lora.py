@@ -16,7 +16,6 @@ names), PEFT 0.21.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
+from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json, read_json, set_module
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -100,11 +99,6 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                freeze_base: bool = True) -> list[str]:
     """Swap every module whose last name component is in `targets` for a LoRALinear; freeze everything else.
@@ -120,7 +114,7 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
             p.requires_grad_(False)
     for n in names:
         base = model.get_submodule(n)
-        _set_module(model, n, LoRALinear.from_base(base, r, alpha, dropout).train(base.training))
+        set_module(model, n, LoRALinear.from_base(base, r, alpha, dropout).train(base.training))
     return names
 
 
@@ -143,7 +137,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model).items():
         merged = m.merge()
         merged.weight.requires_grad_(False)
-        _set_module(model, name, merged)
+        set_module(model, name, merged)
     return model
 
 
@@ -191,10 +185,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
         raise UserError(f"{folder} is not a LoRA adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}; "
                         "pickled adapter_model.bin files are never opened)")
-    try:
-        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+    cfg = read_json(folder / ADAPTER_CONFIG)
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") \
             or cfg.get("alpha_pattern") or cfg.get("bias", "none") != "none":
         raise UserError(f"{folder}: only plain LoRA adapters are supported (no DoRA/rsLoRA/per-layer ranks/bias)")

@@ -25,7 +25,6 @@ story: <first two sentences>" -> the next three; DPO rejected = three sentences 
 from __future__ import annotations
 
 import ast
-import gzip
 import hashlib
 import inspect
 import json
@@ -34,7 +33,8 @@ import re
 import sysconfig
 from pathlib import Path
 
-from phiforge.utils import UserError, atomic_write_bytes, atomic_write_text
+from phiforge.data.io import expand_files, open_text, write_jsonl, write_jsonl_gz  # noqa: F401 (recipe.py)
+from phiforge.utils import UserError, atomic_write_text
 
 # Generated tables, bundled wheels and test suites: not "code a person wrote to be read".
 SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "encodings", "pydoc_data", "ensurepip",
@@ -49,19 +49,6 @@ def _h(text: str, salt: str = "") -> int:
 
 def is_heldout(key: str, fraction: float, salt: str = "heldout") -> bool:
     return fraction > 0 and _h(key, salt) / 2.0 ** 64 < fraction
-
-
-def write_jsonl_gz(path: Path, records: list[dict]) -> None:
-    import io
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:  # mtime=0: identical bytes on a rerun
-        for r in records:
-            gz.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,20 +243,12 @@ def stdlib_sft_dpo(facts: list[dict], sft_max: int, seed: int) -> tuple[list[dic
 def read_stories(paths: list[str]) -> list[str]:
     """Stories from .txt/.txt.gz files or folders of them: split on `<|endoftext|>` when a file has it, else on
     blank lines."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith((".txt", ".txt.gz")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"--data {p} does not exist")
+    files = expand_files(paths, (".txt", ".txt.gz"), what="--data", check_suffix=False)
     if not files:
         raise UserError(f"--data {' '.join(paths)}: no .txt or .txt.gz files")
     stories = []
     for f in files:
-        opener = gzip.open if f.suffix == ".gz" else open
-        with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
+        with open_text(f, newline=None) as fh:
             text = fh.read()
         parts = text.split("<|endoftext|>") if "<|endoftext|>" in text else re.split(r"\n\s*\n", text)
         stories += [s.strip() for s in parts if len(s.split()) >= 20]

@@ -101,6 +101,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in `path`; a UserError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -150,3 +158,9 @@ def check_writable(path: str | os.PathLike, kind: str = "file", flag: str = "--o
     if not os.access(anc, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {p}: folder {anc} is not writable")
     return p
+
+
+def set_module(model, name: str, new) -> None:
+    """Put `new` in place of the submodule called `name` (dotted, as named_modules() names it)."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)

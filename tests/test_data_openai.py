@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_stub import OpenAIStub  # noqa: E402
 
 from phiforge.data import annotate, synth  # noqa: E402
-from phiforge.data.client import ChatClient, RequestFailed  # noqa: E402
+from phiforge.client import ChatClient, RequestFailed  # noqa: E402
 from phiforge.data.io import read_jsonl  # noqa: E402
 from phiforge.utils import UserError  # noqa: E402
 
@@ -152,3 +152,23 @@ def test_synth_filters_and_dedups_replies(tmp_path):
                     "--min-words", "1000"])
     st = json.loads((tmp_path / "tb" / "stats.json").read_text())
     assert st["removed"] == {"too_short": 6} and st["docs_out"] == 0
+
+
+def test_eval_backend_posts_through_the_same_retrying_client():
+    """The eval model/judge backend (OpenAILM) shares phiforge.client: 429/500 are retried, a 4xx is not."""
+    from phiforge.eval.openai_backend import OpenAILM
+
+    with OpenAIStub() as stub:
+        lm = OpenAILM(stub.url, retries=3)
+        assert lm.model == "stub"  # from GET /models
+        stub.faults = ["429", "500"]
+        before = stub.requests
+        assert "kite" in lm.chat([{"role": "user", "content": "Write a story with the noun \"kite\"."}])
+        assert stub.requests - before == 3
+        before = stub.requests
+        with pytest.raises(UserError, match="404"):
+            lm.post("/nowhere", {"messages": [{"role": "user", "content": "hi"}]})
+        assert stub.requests - before == 1
+        stub.faults = ["500"] * 5
+        with pytest.raises(UserError, match="gave up after 3 attempts"):
+            lm.chat([{"role": "user", "content": "again"}])

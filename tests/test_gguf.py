@@ -1,5 +1,6 @@
-"""GGUF export: our q8_0 / q4_0 / q4_K block code against gguf-py's dequantization (bit-exact), and a tiny
-exported model read back with gguf's reader: every tensor, every metadata key, the tokenizer and chat template."""
+"""GGUF export: the q8_0 / q4_0 blocks (gguf.quants) against ggml's reference formulas, our q4_K block code against
+gguf-py's dequantization (bit-exact), and a tiny exported model read back with gguf's reader: every tensor, every
+metadata key, the tokenizer and chat template."""
 from __future__ import annotations
 
 import numpy as np
@@ -43,9 +44,40 @@ def test_our_blocks_dequantize_exactly_like_gguf(fmt):
     assert (ours[0, :32] == 0).all()
 
 
+# ggml's reference quantizers (ggml-quants.c quantize_row_q8_0_ref / quantize_row_q4_0_ref), transcribed: the
+# oracle for the q8_0 / q4_0 bytes our files hold (blocks.py takes them from gguf.quants).
+def ggml_ref_q8_0(x: np.ndarray) -> np.ndarray:
+    """float [..., K] -> uint8 [..., K / 32 * 34]."""
+    b = np.asarray(x, dtype=np.float32).reshape(-1, 32)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.round(b * inv).astype(np.int8)  # |b * inv| <= 127 by construction (roundf: half away from 0 differs
+    # from np.round's half-to-even only on exact .5 ties, which still give a valid code)
+    out = np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def ggml_ref_q4_0(x: np.ndarray) -> np.ndarray:
+    """float [..., K] -> uint8 [..., K / 32 * 18]. Like ggml: d = max / -8 where max is the signed value of
+    largest magnitude, q = min(15, trunc(x / d + 8.5))."""
+    b = np.asarray(x, dtype=np.float32).reshape(-1, 32)
+    idx = np.abs(b).argmax(axis=1)
+    mx = b[np.arange(len(b)), idx][:, None]
+    d = mx / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.minimum(15, np.trunc(b * inv + np.float32(8.5))).astype(np.uint8)
+    packed = q[:, :16] | (q[:, 16:] << 4)
+    out = np.concatenate([d.astype(np.float16).view(np.uint8), packed], axis=1)
+    return out.reshape(*x.shape[:-1], -1)
+
+
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_our_quantizers_make_the_same_bytes_as_gguf(fmt):
+def test_our_quantizers_make_the_bytes_of_ggmls_reference(fmt):
     x = _weights(seed=1)
+    ref = {"q8_0": ggml_ref_q8_0, "q4_0": ggml_ref_q4_0}[fmt](x)
+    assert np.array_equal(blocks.QUANTIZE[fmt](x), ref)
     assert np.array_equal(blocks.QUANTIZE[fmt](x), gguf.quants.quantize(x, QT[fmt]))
 
 

@@ -117,34 +117,45 @@ def test_int4_auto_backend_without_our_kernel(monkeypatch):
 
 
 def test_tiled_layout_round_trips_and_never_leaks_into_checkpoints():
-    """Our kernel retiles qweight in place (N % 4 == 0) on first use; state_dict, dequantize and a reload into a fresh
-    module must still see the row layout, and a padded copy is used when N % 4 != 0."""
+    """An Int4Linear holds our kernel's tiled layout from the moment it is made (a forward converts nothing); the
+    file format (quant.file_state, what save_quantized writes) is still the row layout, dequantize sees the same
+    weights, and a fresh module loaded from the file tensors computes the same outputs. A padded last tile when
+    N % 4 != 0."""
     from phiforge.kernels import int4_mm
 
     for n in (48, 75):
-        q = quant.Int4Linear.from_linear(_linear(n, 128), group_size=32)
-        codes, s, m = q.qweight.clone(), q.scales.clone(), q.offsets.clone()
+        lin = _linear(n, 128)
+        q = quant.Int4Linear.from_linear(lin, group_size=32)
+        c, s_, m_ = quant.quantize_int4(lin.weight.detach(), 32)
+        codes, s, m = quant.pack_int4(c), s_, m_
         wt, sm = quant.tile_int4(codes, s, m)
         assert wt.shape == (n + -n % 4, 64) and sm.shape == ((n + 3) // 4, 4, 8)
         assert torch.equal(quant.untile_int4(wt)[:n], codes)
         assert torch.equal(sm[0, 1, :4], s[:4, 1]) and torch.equal(sm[0, 1, 4:], m[:4, 1])  # group 1 of tile 0
+        assert torch.equal(q.qweight, wt) and torch.equal(q.sm, sm)  # tiled when made ...
+        assert torch.equal(q.rows_qweight(), codes) and torch.equal(q.scales, s) and torch.equal(q.offsets, m)
         W = q.dequantize()
-        if int4_mm() is None:
-            continue
-        q.backend = "ours"
-        q(torch.randn(2, 128))
-        assert q._tiled == (n % 4 == 0)
-        if n % 4 == 0:
-            assert not torch.equal(q.qweight, codes)  # really retiled in place ...
-        assert torch.equal(q.state_dict()["qweight"], codes)  # ... and checkpoints still get rows
+        file = quant.file_state(q)  # ... and checkpoints get rows
+        assert set(file) == {"qweight", "scales", "offsets"}
+        assert torch.equal(file["qweight"], codes) and torch.equal(file["scales"], s) and torch.equal(file["offsets"], m)
+        assert {k: tuple(v.shape) for k, v in file.items()} == q.file_shapes()
+        if int4_mm() is not None:
+            q.backend = "ours"
+            q(torch.randn(2, 128))
+            assert torch.equal(q.qweight, wt) and torch.equal(q.sm, sm)  # a forward converts nothing
         assert torch.equal(q.dequantize(), W)
         fresh = quant.Int4Linear(128, n, 32)
-        fresh.load_state_dict(q.state_dict())
+        fresh.load_state_dict(q.state_dict())  # the in-memory layout round-trips as it is
         assert torch.equal(fresh.dequantize(), W)
-        q.load_state_dict(fresh.state_dict())  # loading into a tiled module resets its layout
-        assert not q._tiled and torch.equal(q.qweight, codes)
+        state = dict(file)
+        assert quant.checkpoint._tile_file_int4(state, [""]) == []  # "": the root module
+        fresh2 = quant.Int4Linear(128, n, 32)
+        fresh2.load_state_dict(state)  # from the file format, tiled once
+        assert torch.equal(fresh2.qweight, wt) and torch.equal(fresh2.dequantize(), W)
         x = torch.randn(3, 128)
-        torch.testing.assert_close(q(x), fresh(x), rtol=0, atol=0)
+        for mod in (fresh, fresh2):
+            mod.backend = q.backend
+            torch.testing.assert_close(mod(x), q(x), rtol=0, atol=0)
 
 
 def test_gptq_has_lower_output_error_than_rtn():

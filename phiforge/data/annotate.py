@@ -18,7 +18,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from phiforge.data.client import RequestFailed, add_client_args, client_from_args, gen_params
+from phiforge.client import RequestFailed, add_client_args, client_from_args, gen_params
 from phiforge.utils import ArgumentParser, UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from phiforge.data.dedup import word_hashes
+from phiforge.data.io import expand_files, read_jsonl
 from phiforge.data.filters import STOP_WORDS, FilterConfig, all_rule_results, filter_doc
 from phiforge.utils import ArgumentParser, UserError, atomic_write_json, check_writable, normal_mode
 
@@ -44,15 +45,7 @@ DENSE = ["log_words", "avg_word_len", "stop_word_frac", "alpha_word_frac", "uppe
 
 def load_labels(paths: list[str], min_score: float = 3.0) -> list[tuple[str, int, float]]:
     """(text, y, raw score) from every label file under paths; y = 1 means keep."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.name.endswith((".jsonl", ".jsonl.gz", ".csv"))
-                            and not f.name.startswith("."))
-        elif p.exists():
-            files.append(p)
-        else:
-            raise UserError(f"{p}: no such label file or folder")
+    files = expand_files(paths, (".jsonl", ".jsonl.gz", ".csv"), what="label", recursive=False, check_suffix=False)
     out = []
     for f in files:
         rows: list[dict]
@@ -61,7 +54,6 @@ def load_labels(paths: list[str], min_score: float = 3.0) -> list[tuple[str, int
             with open(f, newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
         else:
-            from phiforge.data.io import read_jsonl
             rows = list(read_jsonl(f))
         for r in rows:
             text = r.get("text")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import io
 import json
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from phiforge.data.dedup import word_hashes
+from phiforge.data.io import expand_files, open_text
 from phiforge.utils import ArgumentParser, UserError
 
 EVAL_EXT = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".txt", ".txt.gz")
@@ -51,10 +51,8 @@ def strings_of(obj) -> list[str]:
 
 
 def eval_strings(path: Path) -> list[str]:
-    raw = path.read_bytes()
-    if path.name.endswith(".gz"):
-        raw = gzip.decompress(raw)
-    text = raw.decode("utf-8", errors="replace")
+    with open_text(path) as f:
+        text = f.read()
     name = path.name.removesuffix(".gz")
     if name.endswith(".jsonl"):
         out = []
@@ -77,14 +75,7 @@ def eval_strings(path: Path) -> list[str]:
 
 def build_index(paths: list[str], n: int, min_words: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(sorted n-gram keys, eval-set number of each key, eval-set names)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(EVAL_EXT))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"--eval-sets {p}: no such file or folder")
+    files = expand_files(paths, EVAL_EXT, what="--eval-sets", check_suffix=False)
     if not files:
         raise UserError(f"--eval-sets {paths}: no {', '.join(EVAL_EXT)} files found")
     keys, owner = [], []

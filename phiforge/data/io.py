@@ -9,6 +9,11 @@ Ranks parse only their own units (raw lines of other units are skipped unparsed)
 
 Inputs: jsonl / jsonl.gz (one JSON object per line, text under --text-key), parquet (a text column), and text
 files whose documents are separated per --text-sep (eot: "<|endoftext|>", line, blank, nul, file).
+
+This module is also the one place every other part of phiforge reads and writes data files through: `open_text`
+(utf-8, .gz by suffix), `read_jsonl` / `write_jsonl` (atomic, .gz by suffix, reproducible bytes), `read_documents`
+(the strict reader the tokenizer uses), `read_text` (a file or folder as one text: perplexity, GPTQ calibration)
+and `expand_files` (a file or a folder of files with given suffixes).
 """
 from __future__ import annotations
 
@@ -32,30 +37,50 @@ SEPARATORS = {"eot": "<|endoftext|>", "line": "\n", "blank": "\n\n", "nul": "\x0
 MAX_MALFORMED_SAMPLES = 5
 
 
-def input_files(paths: list[str]) -> list[Path]:
-    """Files given directly, or every supported file inside given directories (sorted, hidden files skipped)."""
+def expand_files(paths, suffixes: tuple[str, ...], *, what: str = "", recursive: bool = True,
+                 check_suffix: bool = True) -> list[Path]:
+    """Files given directly, or every file with one of `suffixes` inside given folders (sorted; hidden files and
+    folders skipped). A missing path, a folder holding none, or (with check_suffix) a file of another type is a
+    UserError naming `what` (the flag, e.g. "--eval-sets") and the path."""
     files: list[Path] = []
-    exts = TEXT_EXT + JSONL_EXT + PARQUET_EXT
+    say = f"{what} " if what else ""
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(exts)
+            found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir())
+                           if f.is_file() and f.name.endswith(suffixes)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise UserError(f"{p}: no {', '.join(exts)} files inside; pass files or a folder holding them")
+                raise UserError(f"{say}{p}: no {', '.join(suffixes)} files inside; pass files or a folder holding "
+                                "them")
             files += found
         elif p.is_file():
-            if not p.name.endswith(exts):
-                raise UserError(f"{p}: unsupported file type; use one of {', '.join(exts)}")
+            if check_suffix and not p.name.endswith(suffixes):
+                raise UserError(f"{say}{p}: unsupported file type; use one of {', '.join(suffixes)}")
             files.append(p)
         else:
-            raise UserError(f"{p}: no such file or directory")
+            raise UserError(f"{say}{p}: no such file or folder")
     return files
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-    # errors="replace": a stray invalid byte must not kill a stage; the line is kept and counted as usual.
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+def input_files(paths: list[str]) -> list[Path]:
+    """The documents a data stage or the tokenizer reads: text, jsonl(.gz) and parquet files, or folders of them."""
+    return expand_files(paths, TEXT_EXT + JSONL_EXT + PARQUET_EXT)
+
+
+def open_text(path: str | os.PathLike, *, newline: str | None = "") -> io.TextIOBase:
+    """A utf-8 text reader, gunzipping a .gz. errors="replace": a stray invalid byte must not kill a run.
+    newline="" keeps "\\r\\n" as written; None translates it to "\\n"."""
+    raw = gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=newline)
+
+
+def split_documents(text: str, text_sep: str) -> list[str]:
+    """A text file's documents per --text-sep (unstripped, empty parts kept so their numbering is stable)."""
+    if text_sep == "file":
+        return [text]
+    if text_sep not in SEPARATORS:
+        raise UserError(f"--text-sep {text_sep!r}: use one of {', '.join(list(SEPARATORS) + ['file'])}")
+    return text.replace("\r\n", "\n").split(SEPARATORS[text_sep])
 
 
 def iter_raw(path: Path, text_sep: str = "eot") -> Iterator[tuple[str, object]]:
@@ -64,7 +89,7 @@ def iter_raw(path: Path, text_sep: str = "eot") -> Iterator[tuple[str, object]]:
     if name.endswith(JSONL_EXT):
         i = 0
         try:
-            with _open_text(path) as f:
+            with open_text(path) as f:
                 for i, line in enumerate(f, 1):
                     if line.strip():
                         yield f"{name}:{i}", line
@@ -77,14 +102,8 @@ def iter_raw(path: Path, text_sep: str = "eot") -> Iterator[tuple[str, object]]:
             for i, row in enumerate(batch.to_pylist()):
                 yield f"{name}:row{b * 1024 + i}", row
     else:
-        with _open_text(path) as f:
-            text = f.read()
-        if text_sep == "file":
-            parts = [text]
-        elif text_sep in SEPARATORS:
-            parts = text.replace("\r\n", "\n").split(SEPARATORS[text_sep])
-        else:
-            raise UserError(f"--text-sep {text_sep!r}: use one of {', '.join(list(SEPARATORS) + ['file'])}")
+        with open_text(path) as f:
+            parts = split_documents(f.read(), text_sep)
         for i, part in enumerate(parts):
             if part.strip():
                 yield f"{name}:doc{i}", {"text": part.strip("\n")}
@@ -119,21 +138,143 @@ def parse_record(where: str, raw: object, text_key: str = "text") -> dict:
     return doc
 
 
-def write_jsonl_gz(path: Path, records: list[dict]) -> None:
-    buf = io.BytesIO()
-    # mtime=0 keeps the bytes reproducible: a rerun of a unit writes an identical shard.
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
-        for r in records:
-            gz.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    atomic_write_bytes(path, buf.getvalue())
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """One JSON object a line, written atomically (temp + rename); gzipped when the name ends in .gz, with
+    mtime=0 so a rerun writes identical bytes."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    if str(path).endswith(".gz"):
+        buf = io.BytesIO()
+        with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
+            gz.write(data)
+        data = buf.getvalue()
+    atomic_write_bytes(path, data)
 
 
-def read_jsonl(path: Path) -> Iterator[dict]:
-    """Read one of our own jsonl(.gz) files (shards, label files)."""
-    with _open_text(path) as f:
-        for line in f:
-            if line.strip():
+write_jsonl_gz = write_jsonl  # the name shard writers and recipe steps use
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """The records of a jsonl(.gz) file, blank lines skipped; a line that is not JSON is a UserError naming it."""
+    with open_text(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"malformed record in {path} line {i}: not JSON ({e})") from None
+
+
+def read_documents(path: Path, text_key: str = "text", text_sep: str = "eot") -> Iterator[str]:
+    """The non-empty, stripped documents of one input file, strictly: a bad record or an unreadable file is a
+    UserError (the data stages' lenient reader is iter_raw + parse_record)."""
+    name = path.name
+    try:
+        if name.endswith(PARQUET_EXT):
+            import pyarrow.parquet as pq
+            pf = pq.ParquetFile(path)
+            if text_key not in pf.schema_arrow.names:
+                raise UserError(f"{path} has no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                                "pass --text-key")
+            for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if text and text.strip():
+                        yield text.strip()
+        elif name.endswith(JSONL_EXT):
+            with open_text(path, newline=None) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{lineno} is not valid JSON ({e})") from None
+                    text = record.get(text_key) if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        raise UserError(f"{path}:{lineno} has no string field {text_key!r}; pass --text-key")
+                    if text.strip():
+                        yield text.strip()
+        else:
+            with open_text(path, newline=None) as f:
+                parts = split_documents(f.read(), text_sep)
+            yield from (p.strip() for p in parts if p.strip())
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"could not read {path}: {e}") from None
+
+
+# what read_text takes: evaluation and calibration text (perplexity, GPTQ)
+TEXT_SUFFIXES = (".txt", ".gz", ".jsonl", ".json", ".parquet", ".md", ".raw", ".tokens")
+
+
+def _check_not_binary(p: Path, head: bytes) -> None:
+    """A NUL byte in the first block: an image, a checkpoint, a shard... Decoding megabytes of it with errors=replace
+    and tokenizing the result takes minutes and measures nothing."""
+    if b"\0" in head:
+        raise UserError(f"{p} looks like a binary file, not text (it holds NUL bytes); pass a text file")
+
+
+def _read_one(p: Path, max_chars: int | None = None) -> str:
+    """The text of one file; with max_chars, stop reading after about that many characters."""
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(p)
+        except Exception as e:  # pyarrow raises its own types for a file that is not parquet
+            raise UserError(f"{p} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+        if "text" not in pf.schema_arrow.names:
+            raise UserError(f"{p} has no 'text' column (columns: {pf.schema_arrow.names})")
+        texts, n = [], 0
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            for t in batch.column(0).to_pylist():
+                if t:
+                    texts.append(t)
+                    n += len(t) + 1
+            if max_chars is not None and n >= max_chars:
+                break
+        return "\n".join(texts)
+    try:
+        with (gzip.open if p.suffix == ".gz" else open)(p, "rb") as fb:
+            _check_not_binary(p, fb.read(8192))
+        if ".jsonl" in p.suffixes:
+            return _read_jsonl_text(p, max_chars)
+        with open_text(p, newline=None) as f:
+            return f.read(-1 if max_chars is None else max_chars)
+    except (OSError, EOFError) as e:  # unreadable, or a .gz that is not gzip
+        raise UserError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _read_jsonl_text(p: Path, max_chars: int | None) -> str:
+    """The 'text' fields of a JSON-lines file, read as `phiforge tokenize` reads them (one error per bad line)."""
+    texts, n = [], 0
+    for text in read_documents(p, "text", "file"):
+        texts.append(text)
+        n += len(text) + 1
+        if max_chars is not None and n >= max_chars:
+            break
+    return "\n".join(texts)
+
+
+def read_text(path: str, max_chars: int | None = None) -> str:
+    """A text file (.txt/.gz/.jsonl with 'text'/.parquet with 'text'), or a folder of them (prefers files whose
+    name contains 'test', as in wikitext's test split). max_chars: stop after about that many characters."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path} does not exist")
+    if not p.is_dir():
+        return _read_one(p, max_chars)
+    files = sorted(f for f in p.rglob("*") if f.is_file() and any(s in TEXT_SUFFIXES for s in f.suffixes))
+    test = [f for f in files if "test" in f.name]
+    files = test or files
+    if not files:
+        raise UserError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+    texts, n = [], 0
+    for f in files:
+        texts.append(_read_one(f, None if max_chars is None else max_chars - n))
+        n += len(texts[-1]) + 1
+        if max_chars is not None and n >= max_chars:
+            break
+    return "\n".join(texts)
 
 
 @dataclass

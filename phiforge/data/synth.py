@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phiforge.data.client import RequestFailed, add_client_args, client_from_args, gen_params
+from phiforge.client import RequestFailed, add_client_args, client_from_args, gen_params
 from phiforge.data.dedup import exact_hash, word_hashes
 from phiforge.data.filters import FilterConfig, gopher_repetition
 from phiforge.data.io import Stats, done_path, finalize, shard_path, write_jsonl_gz

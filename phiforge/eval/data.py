@@ -3,11 +3,12 @@ and record. Every task module reads its data through these."""
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import random
 from pathlib import Path
 
+from phiforge.data import io as data_io
+from phiforge.data.io import open_text
 from phiforge.utils import UserError
 
 
@@ -21,20 +22,11 @@ def find(data_dir: str | Path, rel: str) -> Path:
 
 
 def _open(p: Path):
-    return gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")
+    return open_text(p, newline=None)
 
 
 def read_jsonl(p: Path) -> list[dict]:
-    rows = []
-    with _open(p) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed record in {p} line {i}: not JSON ({e})") from None
-    return rows
+    return list(data_io.read_jsonl(p))
 
 
 def read_json(p: Path):

@@ -9,6 +9,7 @@ import io
 import json
 from pathlib import Path
 
+from phiforge.data.io import write_jsonl
 from phiforge.utils import UserError, atomic_write_bytes, atomic_write_text
 
 
@@ -50,10 +51,6 @@ def identity(r: dict) -> dict:
     return dict(r)
 
 
-def _jsonl(rows) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
 # task -> [(local file, hub dataset, config, split, converter, writer)]
 JSONL, JSONL_GZ, JSON_ARRAY = "jsonl", "jsonl.gz", "json"
 SOURCES = {
@@ -73,10 +70,8 @@ SOURCES = {
 
 
 def _write(path: Path, rows: list, kind: str) -> None:
-    if kind == JSONL:
-        atomic_write_text(path, _jsonl(rows))
-    elif kind == JSONL_GZ:
-        atomic_write_bytes(path, gzip.compress(_jsonl(rows).encode("utf-8")))
+    if kind in (JSONL, JSONL_GZ):  # the file name says whether to gzip
+        write_jsonl(path, rows)
     elif kind == JSON_ARRAY:
         atomic_write_text(path, json.dumps(rows, ensure_ascii=False))
     elif kind == "hellaswag":

@@ -10,46 +10,33 @@ as LocalLM, so every task runs against a URL. Also the MT-bench judge client.
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 from tqdm import tqdm
 
+from phiforge.client import Client
 from phiforge.utils import UserError
 
 
 class OpenAILM:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, batch_size: int = 16,
-                 timeout: float = 600.0, retries: int = 3):
+                 timeout: float = 600.0, retries: int = 3, flag: str = "--model"):
         self.base_url = base_url.rstrip("/")
-        self.batch_size, self.retries = batch_size, retries
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers)
+        self.batch_size = batch_size
+        # `retries` tries in all, waiting 1, 2, 4 ... (at most 10) seconds between them
+        self.client = Client(base_url, api_key=api_key, timeout=timeout, max_retries=max(0, retries - 1),
+                             backoff=1.0, max_backoff=10.0, flag=flag)
         self.model = model or self.served_model()
 
     def served_model(self) -> str:
         """No --model-name: the first model the server lists (GET /models)."""
         try:
-            r = self.client.get(f"{self.base_url}/models")
-            return r.json()["data"][0]["id"]
+            return self.client.get("/models")["data"][0]["id"]
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
             raise UserError(f"{self.base_url}/models did not list a model ({e}); pass --model-name") from None
 
     def post(self, path: str, payload: dict) -> dict:
-        url = f"{self.base_url}{path}"
-        for attempt in range(self.retries):
-            try:
-                r = self.client.post(url, json=payload)
-            except httpx.HTTPError as e:
-                err = f"{url}: {e}"
-            else:
-                if r.status_code < 500 and r.status_code != 429:
-                    if r.status_code >= 400:
-                        raise UserError(f"{url} answered {r.status_code}: {r.text[:300]}")
-                    return r.json()
-                err = f"{url} answered {r.status_code}: {r.text[:300]}"
-            time.sleep(min(2 ** attempt, 10))
-        raise UserError(f"OpenAI-compatible endpoint failed after {self.retries} tries: {err}")
+        return self.client.post(path, payload)
 
     def generate(self, prompt: str, until: list[str] = (), max_new_tokens: int = 256) -> str:
         out = self.post("/completions", {"model": self.model, "prompt": prompt, "max_tokens": max_new_tokens,
@@ -93,4 +80,4 @@ class OpenAILM:
 
 
 def judge_client(url: str, model: str, key_env: str = "OPENAI_API_KEY") -> OpenAILM:
-    return OpenAILM(url, model, api_key=os.environ.get(key_env))
+    return OpenAILM(url, model, api_key=os.environ.get(key_env), flag="--judge-url")

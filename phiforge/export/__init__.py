@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out)
     from pathlib import Path
 
-    from phiforge.quant import load_any
+    from phiforge import load
 
-    model, tok = load_any(args.model, dtype="float32")
+    model, tok = load(args.model, dtype="float32")
     path = export_gguf(model, tok, args.out, args.type, name=args.name or Path(args.model).name)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type})")
     write_modelfile(path, tok, model.config.max_position_embeddings, args.model)

@@ -1,8 +1,10 @@
-"""Our own reference implementation of ggml's q8_0, q4_0 and q4_K block formats (numpy, float32).
+"""ggml's q8_0, q4_0 and q4_K block formats (numpy, float32): q8_0 and q4_0 are gguf.quants' (bit-exact with
+ggml's reference quantizers); q4_K is our own, since gguf-py only dequantizes it.
 
 References (read, not copied): ggml/src/ggml-common.h (block_q8_0, block_q4_0, block_q4_K) and
 ggml/src/ggml-quants.c (quantize_row_q8_0_ref, quantize_row_q4_0_ref, get_scale_min_k4) in ggml-org/llama.cpp.
-The tests check that gguf.quants dequantizes the bytes we write to exactly `dequantize_*` below.
+The tests check that gguf.quants dequantizes the q4_K bytes we write to exactly `dequantize_q4_k` below, and the
+q8_0 / q4_0 bytes against a transcription of ggml's reference formulas.
 
   q8_0: 32 weights -> fp16 d, int8 q[32];              w = d * q,          d = absmax / 127
   q4_0: 32 weights -> fp16 d, 16 bytes of nibbles;     w = d * (q - 8),     d = (signed max) / -8
@@ -15,7 +17,11 @@ error is a little larger than llama-quantize's; the bytes are valid q4_K either 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
+from gguf import quants
+from gguf.constants import GGMLQuantizationType as QT
 
 BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k": 256}
 BYTES = {"q8_0": 34, "q4_0": 18, "q4_k": 144}
@@ -25,47 +31,6 @@ def _blocks(x: np.ndarray, n: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     assert x.shape[-1] % n == 0, f"last dim {x.shape[-1]} is not a multiple of the block size {n}"
     return x.reshape(-1, n)
-
-
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """float [..., K] -> uint8 [..., K / 32 * 34]."""
-    b = _blocks(x, 32)
-    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    q = np.round(b * inv).astype(np.int8)  # |b * inv| <= 127 by construction (roundf: half away from 0 differs
-    # from np.round's half-to-even only on exact .5 ties, which still give a valid code)
-    out = np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
-    return out.reshape(*x.shape[:-1], -1)
-
-
-def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
-    b = np.asarray(data, dtype=np.uint8).reshape(-1, 34)
-    d = b[:, :2].copy().view(np.float16).astype(np.float32)
-    return (d * b[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(*data.shape[:-1], -1)
-
-
-def quantize_q4_0(x: np.ndarray) -> np.ndarray:
-    """float [..., K] -> uint8 [..., K / 32 * 18]. Like ggml: d = max / -8 where max is the signed value of
-    largest magnitude, q = min(15, trunc(x / d + 8.5))."""
-    b = _blocks(x, 32)
-    idx = np.abs(b).argmax(axis=1)
-    mx = b[np.arange(len(b)), idx][:, None]
-    d = mx / np.float32(-8)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    q = np.minimum(15, np.trunc(b * inv + np.float32(8.5))).astype(np.uint8)
-    packed = q[:, :16] | (q[:, 16:] << 4)
-    out = np.concatenate([d.astype(np.float16).view(np.uint8), packed], axis=1)
-    return out.reshape(*x.shape[:-1], -1)
-
-
-def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
-    b = np.asarray(data, dtype=np.uint8).reshape(-1, 18)
-    d = b[:, :2].copy().view(np.float16).astype(np.float32)
-    qs = b[:, 2:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8) - np.int8(8)
-    return (d * q.astype(np.float32)).reshape(*data.shape[:-1], -1)
 
 
 def _pack_scales_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -117,5 +82,7 @@ def dequantize_q4_k(data: np.ndarray) -> np.ndarray:
     return (ds * q - dm).reshape(*data.shape[:-1], -1)
 
 
-QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q4_k": quantize_q4_k}
-DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "q4_k": dequantize_q4_k}
+QUANTIZE = {"q8_0": partial(quants.quantize, qtype=QT.Q8_0), "q4_0": partial(quants.quantize, qtype=QT.Q4_0),
+            "q4_k": quantize_q4_k}
+DEQUANTIZE = {"q8_0": partial(quants.dequantize, qtype=QT.Q8_0), "q4_0": partial(quants.dequantize, qtype=QT.Q4_0),
+              "q4_k": dequantize_q4_k}

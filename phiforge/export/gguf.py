@@ -148,7 +148,7 @@ def float_state(model) -> dict[str, torch.Tensor]:
         elif hasattr(mod, "weight_int8"):  # Int8Embedding
             out[f"{name}.weight"] = mod.weight_int8.float() * mod.scales[:, None]
     for name, p in model.state_dict().items():
-        if name.rsplit(".", 1)[-1] in ("qweight", "scales", "offsets", "weight_int8"):
+        if name.rsplit(".", 1)[-1] in ("qweight", "scales", "offsets", "sm", "weight_int8"):
             continue
         out.setdefault(name, p.float())
     if model.config.tie_word_embeddings:

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from phiforge.utils import UserError, atomic_write_json, atomic_write_text, normal_mode
+from phiforge.utils import UserError, atomic_write_json, atomic_write_text, normal_mode, read_json
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -212,10 +212,7 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
     p = Path(path) / "state.json"
     if not p.exists():
         raise UserError(f"{path} is not a complete checkpoint (no state.json)")
-    try:
-        state = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p} is not valid JSON: {e}") from None
+    state = read_json(p)
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{p} has checkpoint format {state.get('format_version')}, this phiforge reads "
                         f"{FORMAT_VERSION}")

@@ -17,92 +17,18 @@ Text files: --text-sep eot (default: documents separated by "<|endoftext|>"), li
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Iterator
 
 from phiforge.train.shards import read_header, shard_paths, write_shard
+from phiforge.data.io import JSONL_EXT, PARQUET_EXT, TEXT_EXT, input_files, read_documents  # noqa: F401 (re-exported)
 from phiforge.utils import ArgumentParser, UserError, atomic_write_json, check_writable
 
-TEXT_EXT = (".txt", ".txt.gz", ".text", ".md")
-JSONL_EXT = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
-PARQUET_EXT = (".parquet",)
 SEPARATORS = ("eot", "line", "blank", "nul", "file")
-
-
-def input_files(paths: list[str]) -> list[Path]:
-    """Files given directly, or every supported file inside given directories (sorted)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*")
-                            if f.is_file() and f.name.endswith(TEXT_EXT + JSONL_EXT + PARQUET_EXT))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"input {p} does not exist")
-    for f in files:
-        if not f.name.endswith(TEXT_EXT + JSONL_EXT + PARQUET_EXT):
-            raise UserError(f"{f}: unknown format; use .txt(.gz), .jsonl(.gz) or .parquet")
-    if not files:
-        raise UserError("no input files")
-    return files
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.suffix == ".gz" else \
-        open(path, encoding="utf-8", errors="replace")
-
-
-def read_documents(path: Path, text_key: str, text_sep: str) -> Iterator[str]:
-    """The non-empty, stripped documents of one input file."""
-    name = path.name
-    try:
-        if name.endswith(PARQUET_EXT):
-            import pyarrow.parquet as pq
-            pf = pq.ParquetFile(path)
-            if text_key not in pf.schema_arrow.names:
-                raise UserError(f"{path} has no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)}); "
-                                "pass --text-key")
-            for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
-                for text in batch.column(0).to_pylist():
-                    if text and text.strip():
-                        yield text.strip()
-        elif name.endswith(JSONL_EXT):
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{lineno} is not valid JSON ({e})") from None
-                    text = record.get(text_key) if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise UserError(f"{path}:{lineno} has no string field {text_key!r}; pass --text-key")
-                    if text.strip():
-                        yield text.strip()
-        else:
-            with _open_text(path) as f:
-                text = f.read()
-            if text_sep == "eot":
-                parts = text.split("<|endoftext|>")
-            elif text_sep == "line":
-                parts = text.splitlines()
-            elif text_sep == "blank":
-                parts = text.replace("\r\n", "\n").split("\n\n")
-            elif text_sep == "nul":
-                parts = text.split("\x00")
-            else:
-                parts = [text]
-            yield from (p.strip() for p in parts if p.strip())
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"could not read {path}: {e}") from None
 
 
 def is_validation(text: str, seed: int, val_fraction: float) -> bool:
