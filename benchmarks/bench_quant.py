@@ -12,7 +12,7 @@ to its default format (asymmetric, --group-size, 128 unless told), the way Q4_K_
 the same file. Also printed: every int4 matmul forced through aten's _weight_int4pack_mm_for_cpu, and our bf16 path
 on the same (dequantized) weights. Without a llama.cpp build (--llama-cpp DIR, $LLAMA_CPP_BIN, PATH, or where
 scripts/build_llama_cpp.sh puts it) the headline is against our bf16 path. Our calls are the engine's own
-(phiforge.generate.prefill into a static KVCache, logits for the last prompt token only, then decode_one_token
+(phiforge.step.prefill into a static KVCache, logits for the last prompt token only, then decode_one_token
 steps); llama-bench's are its own (pp = one prompt batch, tg = one-token decode steps, taken after the prompt is in
 the cache, -d). Both sides run --reps times and report their best run (the machine is noisy: two identical
 prefills in one run have differed by 26 %). Our default format is measured twice: eager, and with the decode step
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from phiforge.generate import compiled_cache_len, decode_one_token, prefill
+from phiforge.step import compiled_cache_len, decode_one_token, prefill
 from phiforge.models import config_from_name
 from phiforge.models.phi3 import Phi3, Phi3Config, RotaryEmbedding
 from phiforge.quant import Int4Linear, quantize_int4
@@ -151,10 +151,10 @@ def llama_bench(bin_dir: Path, gguf_path: Path, threads: int, prompt_len: int, n
 @torch.no_grad()
 def measure(model: Phi3, dtype, prompt_len: int, n_decode: int, compile: bool = False,
             reps: int = 1) -> tuple[float, float]:
-    """Prompt and decode tokens/s through the engine's own calls (phiforge.generate.prefill, decode_one_token):
+    """Prompt and decode tokens/s through the engine's own calls (phiforge.step.prefill, decode_one_token):
     prefill into a static KVCache, logits for the last prompt token only (llama-bench's pp does the same), then
     one-token decode steps. With compile the decode step is torch.compile'd over the whole cache, as
-    `phiforge generate --compile` runs it (one static shape, the cache sized by generate.compiled_cache_len)."""
+    `phiforge generate --compile` runs it (one static shape, the cache sized by step.compiled_cache_len)."""
     cfg = model.config
     slots = compiled_cache_len(prompt_len + n_decode) if compile else prompt_len + n_decode
     cache = model.make_cache(1, slots, dtype=dtype)

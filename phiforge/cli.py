@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from phiforge.utils import UserError, did_you_mean
+from phiforge.utils import did_you_mean, run_main
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
 COMMANDS = {
@@ -24,7 +24,7 @@ COMMANDS = {
     "sft": ("phiforge.train.sft", "supervised fine-tuning with assistant-only loss"),
     "dpo": ("phiforge.train.dpo", "direct preference optimisation (DPO / IPO / cDPO)"),
     "data": ("phiforge.data.cli", "data recipe: filter, classify, dedup, decontaminate, synthesize"),
-    "quantize": ("phiforge.quant", "int8/int4 weight quantization (RTN or GPTQ)"),
+    "quantize": ("phiforge.quant.cli", "int8/int4 weight quantization (RTN or GPTQ)"),
     "perplexity": ("phiforge.perplexity", "perplexity and KL divergence against a reference"),
     "export": ("phiforge.export", "export to GGUF"),
     "serve": ("phiforge.serve", "OpenAI-compatible HTTP server"),
@@ -38,19 +38,6 @@ def usage() -> str:
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `phiforge <command> --help` for a command's options."]
     return "\n".join(lines)
-
-
-def run_main(main, argv: list[str]) -> int:
-    """Call a stage's main(); turn UserError into one clear line and exit code 2 (no traceback)."""
-    try:
-        rc = main(argv)
-    except UserError as e:
-        print(f"phiforge: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("phiforge: interrupted", file=sys.stderr)
-        return 130
-    return int(rc or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Load-time kernel choices for inference: `prepare_for_inference(model)`, and the bf16 CPU decode kernel it swaps in.
 
 The CLIs (`generate`, `chat`), the server and eval's generation call `prepare_for_inference` once after loading; the
-engine (phiforge.generate, phiforge.serve.batch) never changes a model as a side effect.
+engine (phiforge.generate, phiforge.batch) never changes a model as a side effect.
 
 bf16 decode on CPU: plain bf16 Linears swapped for `Bf16Linear`, which sends the few rows of a decode step to our
 AVX2 kernel (phiforge/kernels/bf16_mv.cpp) and everything else to aten.

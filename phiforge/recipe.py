@@ -215,5 +215,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from phiforge.cli import run_main
+    from phiforge.utils import run_main
     sys.exit(run_main(main, sys.argv[1:]))

@@ -290,7 +290,7 @@ def stage_quantize(ctx: Ctx) -> Path:
     """`phiforge quantize` of the final model at each of quantize.bits (round-to-nearest)."""
     q = ctx.cfg["quantize"]
     for bits in q["bits"]:
-        call(ctx, "quantize", "phiforge.quant", [str(ctx.p("final")), "--bits", str(bits), "--group-size",
+        call(ctx, "quantize", "phiforge.quant.cli", [str(ctx.p("final")), "--bits", str(bits), "--group-size",
                                                  str(q["group_size"]), "--out", str(ctx.p("quant", f"int{bits}"))])
     return ctx.p("quant")
 

@@ -3,7 +3,7 @@
     seq = Sequence.start(prompt_ids, GenerationConfig(temperature=0.7, seed=3), tokenizer, model.config, model.device)
     event = seq.accept(seq.choose(logits))   # logits: fp32 [V] of the next token; event.text is the printable delta
 
-Used by both engines: the single-stream decode path (phiforge.generate) and continuous batching (phiforge.serve.batch).
+Used by both engines: the single-stream decode path (phiforge.generate) and continuous batching (phiforge.batch).
 Neither the model nor the KV cache appears here.
 
 Samplers and logits processors are plain callables: `sampler(logits [B, V] fp32, generator) -> ids [B]` (see

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gzip
 import json
 import re
 from pathlib import Path
@@ -261,7 +260,7 @@ def _read_json(path: Path):
 def _iter_lines(files: Iterable[str | Path]) -> Iterator[str]:
     """Lines of text files; the `text` field of .jsonl/.parquet records (training on their JSON syntax would
     spend the vocabulary on `{"text": "` and escapes)."""
-    from phiforge.train.tokenize import JSONL_EXT, PARQUET_EXT, read_documents
+    from phiforge.data.io import JSONL_EXT, PARQUET_EXT, open_text, read_documents
 
     for f in files:
         p = Path(f)
@@ -270,8 +269,7 @@ def _iter_lines(files: Iterable[str | Path]) -> Iterator[str]:
         if p.name.endswith(JSONL_EXT + PARQUET_EXT):
             yield from read_documents(p, "text", "line")
             continue
-        opener = gzip.open if p.suffix == ".gz" else open
-        with opener(p, "rt", encoding="utf-8", errors="replace") as fh:
+        with open_text(p, newline=None) as fh:
             yield from fh
 
 

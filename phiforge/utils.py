@@ -164,3 +164,16 @@ def set_module(model, name: str, new) -> None:
     """Put `new` in place of the submodule called `name` (dotted, as named_modules() names it)."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def run_main(main, argv: list[str]) -> int:
+    """Call a stage's main(); turn UserError into one clear line and exit code 2 (no traceback)."""
+    try:
+        rc = main(argv)
+    except UserError as e:
+        print(f"phiforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("phiforge: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)

@@ -13,7 +13,7 @@ from phiforge.checkpoint import save_hf_folder
 from phiforge.generate import generate, main, stream_generate
 from phiforge.sample import (GenerationConfig, IncrementalDetokenizer, StopStringFilter, make_penalty_processor,
                              make_sampler)
-from phiforge.serve.batch import BatchState
+from phiforge.batch import BatchState
 from phiforge.models import config_from_name
 from phiforge.models.phi3 import Phi3Config
 from phiforge.utils import UserError

@@ -156,13 +156,14 @@ def test_quantize_int4_default_group_size_fits_the_model(tmp_path, model_dir, ca
     """The tiny model's in_features are 64 and 128: the default group 128 does not divide 64, so 64 is used (and said);
     before, the default failed and its hint suggested 128 itself."""
     from phiforge import quant
+    from phiforge.quant import cli as quant_cli
 
     assert quant.fitting_group_sizes(load(str(model_dir))[0]) == [32, 64]
-    assert quant.main([str(model_dir), "--bits", "4", "--out", str(tmp_path / "q4")]) == 0
+    assert quant_cli.main([str(model_dir), "--bits", "4", "--out", str(tmp_path / "q4")]) == 0
     assert "group size 64" in capsys.readouterr().err
     assert json.loads((tmp_path / "q4" / "quant_config.json").read_text())["group_size"] == 64
     with pytest.raises(UserError, match=r"use --group-size 32 or 64, which divide") as e:
-        quant.main([str(model_dir), "--bits", "4", "--group-size", "128", "--out", str(tmp_path / "q")])
+        quant_cli.main([str(model_dir), "--bits", "4", "--group-size", "128", "--out", str(tmp_path / "q")])
     assert "128," not in str(e.value).split("(")[1]
 
 
@@ -255,10 +256,11 @@ def test_inspect_reads_a_quantize_output_folder(tmp_path, model_dir, capsys):
     """Before: `missing tensor lm_head.weight ... and 16 more` (the float layout was expected)."""
     from safetensors.torch import load_file, save_file
 
-    from phiforge import inspect, quant
+    from phiforge import inspect
+    from phiforge.quant import cli as quant_cli
 
     for name, extra in (("q4", ["--bits", "4"]), ("q8e", ["--bits", "8", "--embed-bits", "8"])):
-        assert quant.main([str(model_dir), *extra, "--out", str(tmp_path / name)]) == 0
+        assert quant_cli.main([str(model_dir), *extra, "--out", str(tmp_path / name)]) == 0
         capsys.readouterr()
         assert inspect.main([str(tmp_path / name)]) == 0
         out = capsys.readouterr().out
@@ -278,11 +280,12 @@ def test_model_files_get_normal_permissions(tmp_path, model_dir):
     """safetensors' save_file made model.safetensors 0600 in every model folder, unlike every other file there."""
     import stat
 
-    from phiforge import quant, utils
+    from phiforge import utils
+    from phiforge.quant import cli as quant_cli
 
     m, tok = load(str(model_dir))
     save_hf_folder(m, tmp_path / "m", tok)
-    assert quant.main([str(tmp_path / "m"), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+    assert quant_cli.main([str(tmp_path / "m"), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
     for f in [*(tmp_path / "m").iterdir(), *(tmp_path / "q").iterdir()]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~utils._UMASK, f
 
@@ -317,12 +320,13 @@ def test_export_gguf_writes_an_ollama_modelfile(tmp_path, model_dir, capsys):
 
 
 def test_progress_bars_on_gptq_and_model_loading(tmp_path, model_dir, capsys, monkeypatch):
-    from phiforge import checkpoint, quant
+    from phiforge import checkpoint
+    from phiforge.quant import cli as quant_cli
 
     monkeypatch.delenv("PHIFORGE_NO_PROGRESS", raising=False)
     calib = tmp_path / "calib.txt"
     calib.write_text("The quick brown fox jumps over the lazy dog. Tom and Lily went to the park. " * 40)
-    assert quant.main([str(model_dir), "--bits", "4", "--method", "gptq", "--calib", str(calib), "--seq-len", "16",
+    assert quant_cli.main([str(model_dir), "--bits", "4", "--method", "gptq", "--calib", str(calib), "--seq-len", "16",
                        "--calib-samples", "4", "--out", str(tmp_path / "g")]) == 0
     err = capsys.readouterr().err
     assert "GPTQ: 100%" in err and "3/3" in err  # two blocks and the LM head

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from phiforge import quant
+
+from phiforge.quant import cli as quant_cli
 from phiforge.models import config_from_name
 from phiforge.models.phi3 import Phi3, Phi3Config
 from phiforge.utils import UserError
@@ -261,9 +263,9 @@ def test_bad_group_size_and_bits_are_user_errors():
         quant.quantize(_tiny(), bits=4, group_size=96)
     with pytest.raises(UserError, match="bits"):
         quant.quantize(_tiny(), bits=3)
-    from phiforge.cli import run_main
+    from phiforge.utils import run_main
 
-    assert run_main(quant.main, ["tiny", "--bits", "4", "--group-size", "48", "--out", "/nonexistent/x"]) == 2
+    assert run_main(quant_cli.main, ["tiny", "--bits", "4", "--group-size", "48", "--out", "/nonexistent/x"]) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

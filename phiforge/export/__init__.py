@@ -55,6 +55,6 @@ def write_modelfile(gguf: "Path", tok, context: int, model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    from phiforge.cli import run_main
+    from phiforge.utils import run_main
 
     raise SystemExit(run_main(main, sys.argv[1:]))

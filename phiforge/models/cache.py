@@ -1,10 +1,10 @@
 """The static KV cache every model file's `make_cache` returns, and the position-derived attention mask.
 
-The engine (generate.py, serve/batch.py) views, compacts and reuses rows and slots of this one layout, so a model
+The engine (generate.py, batch.py) views, compacts and reuses rows and slots of this one layout, so a model
 family with attention keeps its keys/values here: `pos` (B, S) holds the RoPE position of each slot (-1 = empty),
 `layers[i].k/.v` (B, nkv, S, hs). The model writes `pos[:, cache_slots] = positions` in its forward and attends to
 every slot, masked by `build_mask`. Any object with `.pos` and `.layers[i].update(slots, k, v)` works in its place
-(generate.CacheView passes row/slot views).
+(step.CacheView passes row/slot views).
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """Weight-only int8 / int4 quantization as a module swap after the model is built (the model files never mention it).
 
-    phiforge quantize runs/demo/final --bits 4 --group-size 32 --out runs/demo/int4
-    phiforge quantize runs/demo/final --bits 4 --group-size 32 --method gptq --calib corpus.txt --out runs/demo/gptq
-    phiforge quantize runs/demo/final --bits 8 --out runs/demo/int8
+    quantize(model, bits=4, group_size=32)      # in place; save_quantized(model, out, tokenizer); phiforge.load(out)
 
 References (read, not copied):
   * gpt-fast quantize.py (WeightOnlyInt4Linear / WeightOnlyInt8Linear, group-wise affine int4)
@@ -16,7 +14,7 @@ those buffers plus quant_config.json naming every swapped module. In memory an I
 our kernel's tiled layout (`tile_int4`), converted once when it is made or loaded (quant/checkpoint.py).
 
 Layout of the package: formats.py (primitives, the int4 layouts, the modules), gptq.py, checkpoint.py (save/load);
-this file chooses which modules get which format, runs the swap, and is the `phiforge quantize` CLI.
+this file chooses which modules get which format and runs the swap; cli.py is `phiforge quantize`.
 
 Deviations from the GPTQ paper, on purpose:
   1. Blocks are quantized in order with inputs from the already-quantized earlier blocks (as the paper), but the
@@ -36,13 +34,13 @@ from phiforge.quant.formats import (GROUP_SIZES, Int4Linear, Int8Embedding, Int8
                                     int4_codes, int4_params, pack_int4, quantize_int4, quantize_int8, rtn_module,
                                     tile_int4, unpack_int4, untile_int4)
 from phiforge.quant.gptq import gptq_int4, gptq_swap
-from phiforge.utils import ArgumentParser, UserError, check_writable, progress, set_module
+from phiforge.utils import UserError, progress, set_module
 
 __all__ = ["GROUP_SIZES", "DEFAULT_GROUP_SIZE", "Int4Linear", "Int8Embedding", "Int8Linear", "quantize",
            "save_quantized", "load_quantized", "read_quant_config", "quantized_shapes", "file_state",
            "quantize_int8", "quantize_int4", "dequantize_int4", "int4_params", "int4_codes", "pack_int4",
            "unpack_int4", "tile_int4", "untile_int4", "gptq_int4", "empty_module", "rtn_module",
-           "fitting_group_sizes", "default_group_size", "calibration_ids", "main"]
+           "fitting_group_sizes", "default_group_size"]
 
 # The group size used when none is given, where it divides the model's in_features (gpt-fast's and GPTQ's default);
 # otherwise the largest smaller one that does (the recipe's model has intermediate_size 704 = 11 x 64).
@@ -138,70 +136,3 @@ def quantize(model, bits: int = 4, group_size: int | None = None, symmetric: boo
                           "symmetric": symmetric, "method": method if bits == 4 else "rtn",  # int8 is always RTN
                           "embed_bits": embed_bits, "modules": specs}
     return model
-
-
-def load_any(path: str, dtype="float32"):
-    """Deprecated alias of phiforge.load (which reads quantized folders too); kept until perplexity.py calls load."""
-    from phiforge import load
-
-    return load(path, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Calibration data and CLI
-
-
-def calibration_ids(tokenizer, path: str, n_samples: int = 128, seq_len: int = 512) -> torch.Tensor:
-    """n_samples windows of seq_len tokens, evenly spread over the tokenized file."""
-    from phiforge.data.io import read_text
-
-    ids = tokenizer.encode(read_text(path))
-    if len(ids) < seq_len + 1:
-        raise UserError(f"{path}: only {len(ids)} tokens; calibration needs at least seq_len={seq_len} (--seq-len)")
-    n = min(n_samples, len(ids) // seq_len)
-    starts = torch.linspace(0, len(ids) - seq_len, n).long().tolist()
-    return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.long)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog="phiforge quantize", description="Weight-only int8/int4 quantization.")
-    ap.add_argument("model", help="HF model folder (or a preset name)")
-    ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    ap.add_argument("--group-size", type=int, default=None,
-                    help=f"int4 group size: 32, 64, 128 or 256 (default: {DEFAULT_GROUP_SIZE}, or the largest "
-                         "smaller one dividing every in_features of the model)")
-    ap.add_argument("--symmetric", action="store_true", help="int4 symmetric (default asymmetric)")
-    ap.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
-    ap.add_argument("--calib", default=None, help="GPTQ calibration text file (.txt, .gz, .jsonl, folder)")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--embed-bits", type=int, default=None, help="8: keep embeddings and lm_head at int8")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    if args.group_size is not None and args.group_size not in GROUP_SIZES:
-        raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {args.group_size}")
-    check_writable(args.out, "dir")
-    from phiforge import load
-
-    model, tok = load(args.model, dtype="float32")
-    calib = None
-    if args.method == "gptq" and args.bits == 4:
-        if not args.calib:
-            raise UserError("--method gptq needs --calib FILE (text to calibrate on)")
-        if tok is None:
-            raise UserError(f"{args.model} has no tokenizer; GPTQ calibration needs one")
-        calib = calibration_ids(tok, args.calib, args.calib_samples, args.seq_len)
-    group_size = args.group_size
-    if group_size is None and args.bits == 4:
-        group_size = default_group_size(model)
-        if group_size != DEFAULT_GROUP_SIZE:
-            print(f"quantize: group size {group_size}: the default {DEFAULT_GROUP_SIZE} does not divide every "
-                  "in_features of this model", file=sys.stderr)
-    how = (f"group {group_size}, {'symmetric' if args.symmetric else 'asymmetric'}, {args.method}" if args.bits == 4
-           else "symmetric per output channel, rtn")
-    print(f"quantizing {args.model}: {args.bits}-bit, {how}", file=sys.stderr)
-    quantize(model.eval(), args.bits, group_size, args.symmetric, args.method, calib, args.embed_bits)
-    save_quantized(model, args.out, tok)
-    size = (Path(args.out) / "model.safetensors").stat().st_size
-    print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")
-    return 0

@@ -1,6 +1,6 @@
 import sys
 
-from phiforge.cli import run_main
-from phiforge.quant import main
+from phiforge.quant.cli import main
+from phiforge.utils import run_main
 
 raise SystemExit(run_main(main, sys.argv[1:]))

@@ -1,10 +1,10 @@
-"""Scheduling for the server: one thread owns the model and a `serve.batch.BatchState`; HTTP handlers submit
+"""Scheduling for the server: one thread owns the model and a `batch.BatchState`; HTTP handlers submit
 `Job`s and read their tokens from an asyncio queue.
 
 Between any two engine steps the thread (1) drops cancelled jobs (client gone) from their rows, (2) admits waiting
 jobs into free rows (BatchState prefills them at the next step while the other rows decode), (3) runs one
 `BatchState.step()` and hands each Event to its job. Sampling, penalties, detokenization and stop strings are
-phiforge.sample's, batching is phiforge.serve.batch's, log-probs are phiforge.scoring's; this module only schedules.
+phiforge.sample's, batching is phiforge.batch's, log-probs are phiforge.scoring's; this module only schedules.
 Waiting jobs beyond `max_queue` are refused (HTTP 429).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from phiforge.sample import GenerationConfig
 from phiforge.scoring import score_hidden, score_logits
-from phiforge.serve.batch import BatchState
+from phiforge.batch import BatchState
 
 
 class QueueFull(Exception):

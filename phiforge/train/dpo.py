@@ -252,5 +252,5 @@ def train(cfg: DPOConfig, resume: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from phiforge.cli import run_main
+    from phiforge.utils import run_main
     sys.exit(run_main(main, sys.argv[1:]))

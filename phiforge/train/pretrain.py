@@ -570,5 +570,5 @@ def train(cfg: PretrainConfig, resume: str | None = None, argv: list[str] | None
 
 
 if __name__ == "__main__":
-    from phiforge.cli import run_main
+    from phiforge.utils import run_main
     sys.exit(run_main(main, sys.argv[1:]))

@@ -20,7 +20,7 @@ exactly with a cache of window + prefill-chunk slots. A sequence whose own lengt
 finish_reason "length". Rows whose LongRoPE regimes differ in one step are run in separate model calls, so a batch
 gives exactly the tokens of the sequences run one at a time (phiforge.generate's single-stream path).
 
-The model calls and cache operations are phiforge.generate's (layer 1); sampling, stop handling and text are
+The model calls and cache operations are phiforge.step's; sampling, stop handling and text are
 phiforge.sample's. Used by the server's scheduler and by `generate.stream_generate` for a list of prompts.
 """
 from __future__ import annotations
@@ -30,9 +30,8 @@ from typing import Sequence as Seq
 
 import torch
 
-from phiforge.generate import (CacheViews, compact_row, compiled, decode_one_token, prefill,
-                               prefill_ring)
 from phiforge.sample import Event, GenerationConfig, Sequence
+from phiforge.step import CacheViews, compact_row, compiled, decode_one_token, prefill, prefill_ring
 from phiforge.utils import UserError
 
 
