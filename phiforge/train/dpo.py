@@ -35,7 +35,8 @@ from phiforge.train.chat_data import SkipReport, build_pairs, collate_pairs, spl
 from phiforge.train.common import (MetricsLog, PostTrainConfig, add_adapters, check_choice, export, optimizer_step,
                                    parse_stage_args, posttrain_setup)
 from phiforge.train.config import save_config
-from phiforge.train.pref_losses import cdpo_loss, dpo_loss, ipo_loss, preference_metrics, sequence_logps
+from phiforge.scoring import sequence_logps
+from phiforge.train.pref_losses import cdpo_loss, dpo_loss, ipo_loss, preference_metrics
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.state import load_checkpoint, save_checkpoint
 from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json
@@ -61,9 +62,9 @@ class DPOConfig(PostTrainConfig):
 def pair_logps(model, pairs, pad_id: int, device, dtype: str = "fp32"):
     """Summed answer log-probs and answer token counts: (chosen (B,), rejected (B,), n_chosen, n_rejected)."""
     batch = collate_pairs(pairs, pad_id)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        logits = model(batch["input_ids"].to(device), positions=batch["positions"].to(device))
-    logps, n = sequence_logps(logits, batch["input_ids"].to(device), batch["mask"].to(device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):  # scores are fp32 either way
+        logps, n = sequence_logps(model, batch["input_ids"].to(device), batch["mask"].to(device),
+                                  positions=batch["positions"].to(device))
     B = len(pairs)
     return logps[:B], logps[B:], n[:B], n[B:]
 

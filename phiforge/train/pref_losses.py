@@ -1,4 +1,5 @@
-"""Preference losses as small pure functions in the papers' notation, and the sequence log-prob helper.
+"""Preference losses as small pure functions in the papers' notation (their inputs, summed sequence log-probs, come from
+phiforge.scoring.sequence_logps).
 
 Notation: for a prompt x with preferred answer y_w and dispreferred y_l, the policy pi_theta and the frozen reference
 pi_ref, the implicit reward is  r(x, y) = beta * log(pi_theta(y|x) / pi_ref(y|x)).  Every loss takes the four summed
@@ -10,18 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
-    """Sum over the masked tokens of log p(token_t | tokens_<t), and the number of masked tokens.
-
-    logits (B,T,V) from the model on input_ids (B,T); mask (B,T) marks completion tokens (aligned with input_ids,
-    so token t is scored by logits[t-1]). Computed in fp32."""
-    targets, m = input_ids[:, 1:], mask[:, 1:].to(torch.float32)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (token_logp * m).sum(-1), m.sum(-1)
 
 
 def dpo_loss(pi_logp_w: torch.Tensor, pi_logp_l: torch.Tensor, ref_logp_w: torch.Tensor, ref_logp_l: torch.Tensor,
