@@ -26,7 +26,6 @@ from safetensors.torch import save
 
 from phiforge.utils import UserError, atomic_write_bytes, atomic_write_json, read_json, set_module
 
-DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def _dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device | None]:
@@ -99,16 +98,17 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                freeze_base: bool = True) -> list[str]:
-    """Swap every module whose last name component is in `targets` for a LoRALinear; freeze everything else.
-    Returns the swapped module names."""
-    targets = set(targets)
+    """Swap every module whose last name component is in `targets` (default: the model's `lora_targets`) for a
+    LoRALinear; freeze everything else. Returns the swapped module names."""
+    default = tuple(getattr(model, "lora_targets", ()))
+    targets = set(default if targets is None else targets)
     names = [n for n, m in model.named_modules() if n.rpartition(".")[2] in targets and not isinstance(m, LoRALinear)
              and hasattr(m, "in_features") and ".base_layer" not in n]
     if not names:
-        raise UserError(f"no module named {sorted(targets)} to put LoRA on; Phi-3 projections are "
-                        f"{', '.join(DEFAULT_TARGETS)}")
+        raise UserError(f"no module named {sorted(targets)} to put LoRA on; this model's projections are "
+                        f"{', '.join(default) or '(none declared)'}")
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -19,94 +19,15 @@ EOS besides the documents' UTF-8 bytes. --last-docs N keeps only the last N docu
 """
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
+from phiforge.data.io import SEPARATORS, read_documents, read_text
 from phiforge.scoring import TokenScores, score_hidden, score_logits
-from phiforge.train.tokenize import SEPARATORS
 from phiforge.utils import ArgumentParser, UserError
-
-TEXT_SUFFIXES = (".txt", ".gz", ".jsonl", ".json", ".parquet", ".md", ".raw", ".tokens")
-
-
-def _check_not_binary(p: Path, head: bytes) -> None:
-    """A NUL byte in the first block: an image, a checkpoint, a shard... Decoding megabytes of it with errors=replace
-    and tokenizing the result takes minutes and measures nothing."""
-    if b"\0" in head:
-        raise UserError(f"{p} looks like a binary file, not text (it holds NUL bytes); pass a text file")
-
-
-def _read_one(p: Path, max_chars: int | None = None) -> str:
-    """The text of one file; with max_chars, stop reading after about that many characters."""
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(p)
-        except Exception as e:  # pyarrow raises its own types for a file that is not parquet
-            raise UserError(f"{p} is not a readable parquet file ({str(e).splitlines()[0]})") from None
-        if "text" not in pf.schema_arrow.names:
-            raise UserError(f"{p} has no 'text' column (columns: {pf.schema_arrow.names})")
-        texts, n = [], 0
-        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
-            for t in batch.column(0).to_pylist():
-                if t:
-                    texts.append(t)
-                    n += len(t) + 1
-            if max_chars is not None and n >= max_chars:
-                break
-        return "\n".join(texts)
-    opener = gzip.open if p.suffix == ".gz" else open
-    try:
-        with opener(p, "rb") as fb:
-            _check_not_binary(p, fb.read(8192))
-        if ".jsonl" in p.suffixes:
-            return _read_jsonl(p, max_chars)
-        with opener(p, "rt", encoding="utf-8", errors="replace") as f:
-            return f.read(-1 if max_chars is None else max_chars)
-    except (OSError, EOFError) as e:  # unreadable, or a .gz that is not gzip
-        raise UserError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
-
-
-def _read_jsonl(p: Path, max_chars: int | None) -> str:
-    """The 'text' fields of a JSON-lines file, read as `phiforge tokenize` reads them (one error per bad line)."""
-    from phiforge.train.tokenize import read_documents
-
-    texts, n = [], 0
-    for text in read_documents(p, "text", "file"):
-        texts.append(text)
-        n += len(text) + 1
-        if max_chars is not None and n >= max_chars:
-            break
-    return "\n".join(texts)
-
-
-def read_text(path: str, max_chars: int | None = None) -> str:
-    """A text file (.txt/.gz/.jsonl with 'text'/.parquet with 'text'), or a folder of them (prefers files whose
-    name contains 'test', as in wikitext's test split). max_chars: stop after about that many characters."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{path} does not exist")
-    if not p.is_dir():
-        return _read_one(p, max_chars)
-    files = sorted(f for f in p.rglob("*") if f.is_file() and any(s in TEXT_SUFFIXES for s in f.suffixes))
-    test = [f for f in files if "test" in f.name]
-    files = test or files
-    if not files:
-        raise UserError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-    texts, n = [], 0
-    for f in files:
-        texts.append(_read_one(f, None if max_chars is None else max_chars - n))
-        n += len(texts[-1]) + 1
-        if max_chars is not None and n >= max_chars:
-            break
-    return "\n".join(texts)
-
 
 def encode_prefix(tok, path: str, max_tokens: int) -> tuple[list[int], int | None]:
     """(ids, bytes) for the first max_tokens (+1) tokens of the data, reading and encoding only a prefix: a few
@@ -205,7 +126,6 @@ def evaluate_rolling(model, ids: list[int], ctx: int, batch_size: int = 16) -> d
 def read_last_documents(path: str, sep: str, last: int | None = None) -> list[str]:
     """The documents of a text file, split as `phiforge tokenize --text-sep SEP` splits them; with `last`, only the
     last that many (a held-out tail), and an error when the file holds fewer."""
-    from phiforge.train.tokenize import read_documents
 
     docs = list(read_documents(Path(path), "text", sep))
     if last:

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from phiforge.data.io import read_jsonl
 from phiforge.utils import atomic_write_json, atomic_write_text
 
 
@@ -36,7 +37,7 @@ def slug(label: str) -> str:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return list(read_jsonl(path)) if path.exists() else []
 
 
 def _json(path: Path) -> dict:

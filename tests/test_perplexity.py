@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from phiforge import quant
 from phiforge.models import config_from_name
 from phiforge.models.phi3 import Phi3, Phi3Config
-from phiforge.perplexity import evaluate, main, read_text
+from phiforge.data.io import read_text
+from phiforge.perplexity import evaluate, main
 from phiforge.utils import UserError, shared_dir
 
 

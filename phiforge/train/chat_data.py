@@ -26,7 +26,6 @@ Preference formats (`to_preference`):
 """
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import re
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from phiforge.data.io import open_text, read_jsonl
 from phiforge.utils import UserError
 
 IGNORE = -100
@@ -87,15 +87,14 @@ def read_records(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         raise UserError(f"data file {p} does not exist")
-    opener = gzip.open if p.suffix == ".gz" else open
     name = p.name[:-3] if p.suffix == ".gz" else p.name
     try:
-        with opener(p, "rt", encoding="utf-8") as fh:
-            if name.endswith(".jsonl"):
-                records = [json.loads(line) for line in fh if line.strip()]
-            else:
+        if name.endswith(".jsonl"):
+            records = list(read_jsonl(p))
+        else:
+            with open_text(p) as fh:
                 records = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    except (json.JSONDecodeError, OSError) as e:
         raise UserError(f"{p} is not valid JSON/JSONL: {e}") from None
     if isinstance(records, dict):  # {"data": [...]} style wrappers
         lists = [v for v in records.values() if isinstance(v, list)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from phiforge.train.config import format_config, old_pairs, parse_set, resolve_config, warn_old_spelling
-from phiforge.utils import ArgumentParser, UserError, atomic_write_text
+from phiforge.utils import ArgumentParser, UserError, atomic_write_text, set_module
 
 
 
@@ -54,7 +54,7 @@ class PostTrainConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_targets: list = field(default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    lora_targets: list | None = None  # None: the model file's lora_targets (Phi-3: qkv_proj, o_proj, gate_up/down_proj)
     eval_every: int = 50
     ckpt_every: int = 100
     keep_last: int = 2
@@ -272,7 +272,6 @@ def export(model, tok, out: Path, base_path: str) -> None:
                 lin.weight.copy_(m.dequantize().float())
                 if lin.bias is not None:
                     lin.bias.copy_(m.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, lin.to(m.dequantize().device))
+            set_module(model, name, lin.to(m.dequantize().device))
     model.__dict__.pop("quant_config", None)
     save_hf_folder(model.eval(), out / "final", tok)

@@ -10,10 +10,10 @@ training minutes, with each --hline as a horizontal reference.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from phiforge.data.io import read_jsonl
 from phiforge.utils import ArgumentParser, UserError, check_writable
 
 
@@ -21,14 +21,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir} has no metrics.jsonl; is it a `phiforge pretrain` run directory?")
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{i} is not valid JSON") from None
-    return records
+    return list(read_jsonl(path))
 
 
 def ema(values: list[float], alpha: float = 0.1) -> list[float]:

@@ -17,7 +17,6 @@ copy of the tokenizer in tokenizer/.
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 import zlib
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phiforge.utils import UserError
+from phiforge.utils import UserError, read_json
 
 MAGIC = b"PHITOKS\0"
 VERSION = 1
@@ -137,10 +136,7 @@ def read_meta(token_dir: str | os.PathLike) -> dict:
         if (d / "tokenize.json").exists():
             raise UserError(f"{d}: `phiforge tokenize` did not finish; rerun the same command to complete it")
         raise UserError(f"{d} has no meta.json: it is not a `phiforge tokenize` output directory")
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p} is not valid JSON: {e}") from None
+    meta = read_json(p)
     if not meta.get("complete"):
         raise UserError(f"{d}: `phiforge tokenize` did not finish; rerun the same command to complete it")
     return meta
