@@ -77,11 +77,12 @@ def read_config(folder: Path):
     if not cfg_path.exists():
         raise UserError(f"{folder} has no config.json")
     hf = read_json(cfg_path)
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in hf]
-    if missing:
-        raise UserError(f"{cfg_path} lacks {', '.join(missing)}")
-    return models.config_from_hf(hf)
+    if not isinstance(hf, dict):
+        raise UserError(f"{cfg_path} is not a JSON object")
+    try:
+        return models.config_from_hf(hf)
+    except UserError as e:
+        raise UserError(f"{cfg_path}: {e}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -85,6 +85,10 @@ class Phi3Config:
         model_type = hf.get("model_type", "phi3")
         if model_type != "phi3":
             raise UserError(f"model_type {model_type!r} is not the dense 'phi3' family this file reads")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in hf]
+        if missing:
+            raise UserError(f"the config lacks {', '.join(missing)}")
         scaling = hf.get("rope_scaling")
         if scaling is None and isinstance(hf.get("rope_parameters"), dict):  # transformers 5 spelling
             rp = hf["rope_parameters"]
