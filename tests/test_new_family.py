@@ -96,7 +96,8 @@ def toy_family(monkeypatch):
 @pytest.fixture
 def toy_folder(tmp_path, toy_family, trained_tokenizer):
     tok = trained_tokenizer
-    cfg = ToyConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    cfg = ToyConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                    pad_token_id=tok.pad_id)
     model = models.build(cfg)
     model.init_weights(seed=3)
     return save_hf_folder(model, tmp_path / "toy", tok)
