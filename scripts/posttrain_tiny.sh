@@ -73,18 +73,19 @@ fi
 if [ ! -f "$OUT/sft/eval.json" ]; then
   $PY -m phiforge.train.sft --model "$OUT/pretrain/final" --out "$OUT/sft" \
     --data $SFT_DATA \
-    --seq_len "$SFT_SEQ" --batch_size "$SFT_BATCH" --lr "${SFT_LR:-3e-4}" --min_lr 5e-5 --max_steps "$SFT_STEPS" --warmup_steps 30 \
-    --val_max 200 --eval_every 100 --ckpt_every 200 --log_every 20 --end_eval "${END_EVAL:-200}" --end_max_new_tokens 512 \
-    --dtype "${DTYPE:-fp32}" --threads "$THREADS"
+    --set seq_len="$SFT_SEQ" --set batch_size="$SFT_BATCH" --set lr="${SFT_LR:-3e-4}" --set min_lr=5e-5 \
+    --set max_steps="$SFT_STEPS" --set warmup_steps=30 --set val_max=200 --set eval_every=100 --set ckpt_every=200 \
+    --set log_every=20 --set end_eval="${END_EVAL:-200}" --set end_max_new_tokens=512 --set dtype="${DTYPE:-fp32}" \
+    --set threads="$THREADS"
 fi
 
 # 4. DPO on the shared preference pairs (HH-RLHF harmless + LLaMA-Factory DPO demo)
 if [ ! -f "$OUT/dpo/eval.json" ]; then
   $PY -m phiforge.train.dpo --model "$OUT/sft/final" --out "$OUT/dpo" \
     --data "$D/preference/hh-rlhf_harmless-base_test.jsonl.gz" "$D/preference/dpo_en_demo.json" \
-    --loss "$DPO_LOSS" --beta 0.1 --seq_len "$DPO_SEQ" --batch_size "$DPO_BATCH" --lr "${DPO_LR:-2e-5}" --max_steps "$DPO_STEPS" \
-    --warmup_steps 20 --val_max 250 --eval_every 100 --ckpt_every 200 --log_every 20 --dtype "${DTYPE:-fp32}" \
-    --threads "$THREADS"
+    --set loss="$DPO_LOSS" --set beta=0.1 --set seq_len="$DPO_SEQ" --set batch_size="$DPO_BATCH" \
+    --set lr="${DPO_LR:-2e-5}" --set max_steps="$DPO_STEPS" --set warmup_steps=20 --set val_max=250 \
+    --set eval_every=100 --set ckpt_every=200 --set log_every=20 --set dtype="${DTYPE:-fp32}" --set threads="$THREADS"
 fi
 
 echo "posttrain_tiny: done in $(( $(date +%s) - start ))s"

@@ -2,7 +2,7 @@
 # recipes/tinystories.yaml end to end: tokenizer, token shards, the 20-minute pretraining run, the held-out score.
 #
 #   scripts/tinystories.sh                       # -> runs/tinystories/train/final and its held-out bits per byte
-#   OUT=runs/ts2 scripts/tinystories.sh --max_minutes 5                # flags after the script go to pretrain
+#   OUT=runs/ts2 scripts/tinystories.sh --set max_minutes=5      # flags after the script go to pretrain
 #   RANKS=2 scripts/tinystories.sh               # two single-thread DDP ranks instead of one 2-thread process
 #
 # The held-out rule (issue 35): the last 87 stories of tinystories_10klines_chunk.txt.gz are never trained on
@@ -38,13 +38,13 @@ ls -d "$R"/train/ckpt/step_* >/dev/null 2>&1 && resume=(--resume)
 # level (1.0369 vs 1.0314 bits per byte): one process stays the default.
 RANKS=${RANKS:-1}
 if [ "$RANKS" -gt 1 ]; then
-  train=(${VENV_BIN}torchrun --standalone --nproc_per_node "$RANKS" -m phiforge.train.pretrain --parallel ddp --threads 1
-         --batch_size $((8 / RANKS)))
+  train=(${VENV_BIN}torchrun --standalone --nproc_per_node "$RANKS" -m phiforge.train.pretrain --set parallel=ddp
+         --set threads=1 --set batch_size=$((8 / RANKS)))
 else
   train=($PHIFORGE pretrain)
 fi
 [ -f "$R/train/final/config.json" ] || "${train[@]}" --config recipes/tinystories.yaml --out "$R/train" \
-  --sources "{ts_v1: $R/ts_v1, ts_all: $R/ts_all, ts_gpt4: $R/ts_gpt4}" \
-  --heldout "{data: $S/tinystories_10klines_chunk.txt.gz, docs: eot, last_docs: 87, ctx: 256}" "${resume[@]}" "$@"
+  --set "sources={ts_v1: $R/ts_v1, ts_all: $R/ts_all, ts_gpt4: $R/ts_gpt4}" \
+  --set "heldout={data: $S/tinystories_10klines_chunk.txt.gz, docs: eot, last_docs: 87, ctx: 256}" "${resume[@]}" "$@"
 $PHIFORGE perplexity "$R/train/final" --data "$S/tinystories_10klines_chunk.txt.gz" --docs eot --last-docs 87 \
   --rolling --ctx 256 --json "$R/train/heldout.json"

@@ -183,12 +183,12 @@ SKIPS = [
      "`phiforge pretrain` itself runs in the smoke recipe"),
 ]
 
-# Extra flags appended (argparse: the last value wins) where the documented command takes minutes on 2 cores.
+# Extra flags appended (argparse and --set: the last value wins) where the documented command takes minutes on 2 cores.
 CAPS = [
     (r"^phiforge recipe ", ["--print-config"]),  # the recipe runs end to end once, as the smoke fixture
     # training: 2 steps, and not 200 held-out examples scored nor 100 answers generated at the end
-    (r"^phiforge sft ", ["--max_steps", "2", "--val_max", "8", "--end_eval", "4"]),
-    (r"^phiforge dpo ", ["--max_steps", "2", "--val_max", "8"]),
+    (r"^phiforge sft ", ["--set", "max_steps=2", "--set", "val_max=8", "--set", "end_eval=4"]),
+    (r"^phiforge dpo ", ["--set", "max_steps=2", "--set", "val_max=8"]),
     (r"^phiforge eval .*--tasks (mmlu|gsm8k)", ["--limit", "2", "--max-gen-toks", "16"]),  # benchmarks: minutes each
     (r"^phiforge perplexity .*\.\./shared", ["--max-tokens", "2048"]),  # all of wikitext: a minute
     (r"--method gptq", ["--calib-samples", "4"]),

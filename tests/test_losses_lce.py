@@ -1,4 +1,4 @@
-"""The fused LM head + cross-entropy (losses.linear_cross_entropy) equals F.cross_entropy(h @ W^T) in value and
+"""The fused LM head + cross-entropy (models/loss.linear_cross_entropy) equals F.cross_entropy(h @ W^T) in value and
 gradients, with ignored targets, several chunks, bf16 autocast and without grad; Phi3(targets=...) uses it."""
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from phiforge.sample import GenerationConfig
-from phiforge.scoring import score_hidden, score_logits
 from phiforge.batch import BatchState
+from phiforge.scoring import score_hidden, score_logits
 
 
 class QueueFull(Exception):

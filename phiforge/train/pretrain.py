@@ -408,7 +408,7 @@ def train(cfg: PretrainConfig, resume: str | None = None, argv: list[str] | None
     def forward_loss(batch: torch.Tensor) -> torch.Tensor:
         x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            return forward(x, targets=y)  # LM head fused into the loss (losses.linear_cross_entropy)
+            return forward(x, targets=y)  # LM head fused into the loss (models/loss.py)
 
     @torch.no_grad()
     def evaluate() -> dict:
