@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from phiforge.checkpoint import build_model  # noqa: E402
 from phiforge.fast import prepare_for_inference  # noqa: E402
 from phiforge.generate import stream_generate  # noqa: E402
-from phiforge.sample import GenerationConfig  # noqa: E402
 from phiforge.models import config_from_name  # noqa: E402
 from phiforge.models.phi3 import Phi3Config  # noqa: E402
+from phiforge.sample import GenerationConfig  # noqa: E402
 
 
 def hf_twin(cfg: Phi3Config, dtype: torch.dtype, fill_seed: int = 0):

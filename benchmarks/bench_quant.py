@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +35,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from phiforge.step import compiled_cache_len, decode_one_token, prefill
-from phiforge.models import config_from_name
-from phiforge.models.phi3 import Phi3, Phi3Config, RotaryEmbedding
-from phiforge.quant import Int4Linear, quantize_int4
-from phiforge.utils import llama_cpp_bin, set_module
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from phiforge.models import config_from_name  # noqa: E402
+from phiforge.models.phi3 import Phi3, Phi3Config, RotaryEmbedding  # noqa: E402
+from phiforge.quant import Int4Linear, quantize_int4  # noqa: E402
+from phiforge.step import compiled_cache_len, decode_one_token, prefill  # noqa: E402
+from phiforge.utils import llama_cpp_bin, set_module  # noqa: E402
 
 
 def build_int4(cfg: Phi3Config, group_size: int, seed: int = 0) -> Phi3:

@@ -20,7 +20,6 @@ from phiforge.train.config import format_config, old_pairs, parse_set, resolve_c
 from phiforge.utils import ArgumentParser, UserError, atomic_write_text, set_module
 
 
-
 @dataclass
 class PostTrainConfig:
     """The settings SFT and DPO share; SFTConfig and DPOConfig add their own and change some defaults."""
