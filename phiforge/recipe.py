@@ -38,11 +38,11 @@ from phiforge.recipe_stages import STAGES, Ctx, posttrain_config, pretrain_confi
 from phiforge.train.config import apply_settings, dump_yaml, load_yaml, nest, parse_set, unknown_key
 from phiforge.utils import ArgumentParser, UserError, atomic_write_json, atomic_write_text, check_writable
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data; the source tree's recipes/ links here
 
 
 def _recipe_file(name: str) -> dict | None:
-    """recipes/<name>.yaml, the one copy of the defaults (None where the source tree's recipes/ is absent)."""
+    """recipes/<name>.yaml, the one copy of the defaults (None where an install lost its package data)."""
     p = RECIPES_DIR / f"{name}.yaml"
     return yaml.safe_load(p.read_text()) if p.is_file() else None
 
@@ -72,8 +72,8 @@ def merge(base: dict, over: dict, where: str = "") -> dict:
 
 def resolve(args) -> dict:
     if DEFAULTS is None:
-        raise UserError(f"{RECIPES_DIR / 'default.yaml'} is missing: phiforge recipe reads its defaults from the "
-                        "recipes/ folder of the phiforge source tree")
+        raise UserError(f"{RECIPES_DIR / 'default.yaml'} is missing: phiforge recipe reads its defaults from "
+                        "phiforge/recipes/, installed with the package; reinstall phiforge")
     cfg = copy.deepcopy(DEFAULTS)
     if args.smoke:
         cfg = merge(cfg, SMOKE)
