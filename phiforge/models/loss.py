@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 
 def lm_head_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """cross_entropy(head(h), targets). A plain Linear head is fused with the loss (linear_cross_entropy); a head
-    that LoRA or quantization swapped in runs its own forward. Under torch.compile the plain form is used too:
-    inductor fuses it itself."""
-    if type(head) is nn.Linear and not torch.compiler.is_compiling():
+    """cross_entropy(head(h), targets). A plain bias-free Linear head is fused with the loss (linear_cross_entropy);
+    a biased head (PhiMoE's lm_head_bias), or one that LoRA or quantization swapped in, runs its own forward. Under
+    torch.compile the plain form is used too: inductor fuses it itself."""
+    if type(head) is nn.Linear and head.bias is None and not torch.compiler.is_compiling():
         return linear_cross_entropy(h, head.weight, targets, ignore_index)
     return cross_entropy(head(h), targets, ignore_index)
 
