@@ -3,7 +3,8 @@ decoding against the full forward, config round trips and dispatch.
 
 Reference: transformers models/phimoe/modular_phimoe.py (5.x as installed). transformers 5 stores the experts fused
 (`mlp.experts.gate_up_proj` (E, 2F, C) = [w1; w3], `mlp.experts.down_proj` (E, C, F) = w2) and names the router
-`mlp.router`; phiforge keeps the Hub checkpoint's names (PHI3_SPEC 5.1), so the test maps them (`to_phiforge`).
+`mlp.router` in memory; phiforge keeps the Hub checkpoint's names (PHI3_SPEC 5.1), so the in-memory copy maps
+them (`to_phiforge`). On save_pretrained transformers 5 writes the Hub names back, which phiforge.load reads as is.
 
 Only LongRoPE's short regime (positions < original_max_position_embeddings) is compared: transformers 5's
 PhimoeRotaryEmbedding.forward calls rope_init_fn(config) without seq_len, so it rotates with the SHORT factors at
@@ -166,3 +167,19 @@ def test_long_regime_uses_long_factors_and_long_mscale():
         angles = pos[..., None].float() * base / torch.tensor(LONGROPE[f"{kind}_factor"])
         want = torch.cat((angles, angles), -1).cos() * LONGROPE[f"{kind}_mscale"]
         assert torch.allclose(rope(pos)[0], want, atol=1e-6), kind
+
+
+def test_load_folder_saved_by_transformers(tmp_path):
+    """transformers 5 converts its fused experts back to the Hub names on save_pretrained, so phiforge.load reads a
+    saved folder as it would a released checkpoint."""
+    from phiforge import load
+
+    cfg = config_from_name("tiny-moe", **CASES["longrope-short"])
+    ref = hf_reference(cfg)
+    ref.save_pretrained(tmp_path)
+    model, _ = load(str(tmp_path))
+    assert model.config == cfg
+    ids = torch.randint(0, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        err = (model(ids) - ref(ids).logits).abs().max().item()
+    assert err <= 1e-5, f"max abs logit error {err:.2e}"
