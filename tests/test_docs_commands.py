@@ -313,13 +313,24 @@ def shown(cmd: DocCommand) -> str:
     return ("phiforge " if cmd.module is None else f"python -m {cmd.module} ") + shlex.join(cmd.argv)
 
 
-def skip_reason(cmd: DocCommand) -> str | None:
+def skip_reason(cmd: DocCommand, args: list[str], cwd: Path) -> str | None:
     for pattern, reason in SKIPS:
         if re.search(pattern, shown(cmd)):
             return reason
-    if "../shared" in shown(cmd) and shared_dir() is None:
+    if shared_dir() is None and needs_shared(cmd, args, cwd):
         return "needs ../shared/data"
     return None
+
+
+def needs_shared(cmd: DocCommand, args: list[str], cwd: Path) -> bool:
+    """The command names ../shared, after its placeholders are filled in or inside a file it reads, or it is an
+    `eval` that reads its benchmark data from ../shared/data by default."""
+    if "../shared" in shown(cmd) or any("../shared" in a for a in args):
+        return True
+    if args[:1] == ["eval"] and "--data-dir" not in args:
+        return True
+    files = [cwd / a for a in args if a.endswith((".yaml", ".yml")) and (cwd / a).is_file()]
+    return any("../shared" in f.read_text() for f in files)
 
 
 def command_args(cmd: DocCommand, model: Path, cwd: Path) -> list[str]:
@@ -361,13 +372,19 @@ def outcomes(workspace, smoke_run):
 
     model = smoke_run[0] / "final"
     writers: list[tuple[str, object]] = []  # (--out, future) of the commands submitted so far
+    missing: list[tuple[str, str]] = []  # (--out, why) of skipped commands whose output nothing stands in for
     result = {}
     pool = ThreadPoolExecutor(LANES)
     for i, cmd in enumerate(COMMANDS):
-        if reason := skip_reason(cmd):
+        args = command_args(cmd, model, workspace)
+        reason = skip_reason(cmd, args, workspace) or next((f"reads {out}, which a skipped command writes ({why})"
+                                           for out, why in missing if touches(args, out)), None)
+        if reason:
+            out = out_of(args)
+            if out and not (workspace / out).exists():  # no stand-in (e.g. ../shared's labels for `annotate`)
+                missing.append((out, reason))
             result[i] = ("skip", reason)
             continue
-        args = command_args(cmd, model, workspace)
         deps = [f for out, f in writers if touches(args, out)]
 
         def job(cmd=cmd, args=args, deps=deps):
