@@ -33,7 +33,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-from phiforge.data.io import expand_files, open_text, write_jsonl, write_jsonl_gz  # noqa: F401 (recipe.py)
+from phiforge.data.io import expand_files, open_text, write_jsonl
 from phiforge.utils import UserError, atomic_write_text
 
 # Generated tables, bundled wheels and test suites: not "code a person wrote to be read".
@@ -304,7 +304,7 @@ def story_sft_dpo(source: list[dict], sft_max: int, seed: int) -> tuple[list[dic
 
 def _write_corpus(out: Path, documents, heldout, sft, dpo, heldout_qa) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl_gz(out / "documents.jsonl.gz", documents)
+    write_jsonl(out / "documents.jsonl.gz", documents)
     atomic_write_text(out / "heldout.txt", "\n\n".join(d["text"] for d in heldout) + "\n")
     atomic_write_text(out / "heldout_index.json", json.dumps([d["id"] for d in heldout], indent=1) + "\n")
     write_jsonl(out / "sft.jsonl", sft)

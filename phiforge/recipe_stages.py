@@ -163,7 +163,7 @@ def stage_decontam(ctx: Ctx) -> Path:
     the benchmark sets the eval stage scores (Phi-3 report section 2; GPT-3 appendix C); then split the survivors by
     source into data/source.jsonl.gz and data/textbook.jsonl.gz."""
     from phiforge.data.io import read_jsonl
-    from phiforge.recipe_data import write_jsonl_gz
+    from phiforge.data.io import write_jsonl
 
     eval_sets = [str(ctx.data / "heldout.txt")]
     bench = ctx.benchmark_dir()
@@ -181,7 +181,7 @@ def stage_decontam(ctx: Ctx) -> Path:
         if not kept:
             raise UserError(f"decontamination removed every {name} document (see {out / 'stats.json'}); the "
                             "held-out text or a benchmark overlaps the whole corpus")
-        write_jsonl_gz(ctx.data / f"{name}.jsonl.gz", kept)
+        write_jsonl(ctx.data / f"{name}.jsonl.gz", kept)
     return out
 
 
@@ -190,13 +190,13 @@ def stage_filter(ctx: Ctx) -> Path:
     (symbol and alphabetic-word ratios), so the code analogue is the docstring ratio: files whose module, functions
     and classes mostly carry docstrings (corpus.min_doc_ratio)."""
     from phiforge.data.io import read_jsonl
-    from phiforge.recipe_data import write_jsonl_gz
+    from phiforge.data.io import write_jsonl
 
     if not ctx.stories:
         out = ctx.data / "filtered.jsonl.gz"
         docs = list(read_jsonl(ctx.data / "source.jsonl.gz"))
         keep = [d for d in docs if d["doc_ratio"] >= ctx.cfg["corpus"]["min_doc_ratio"]]
-        write_jsonl_gz(out, keep)
+        write_jsonl(out, keep)
         atomic_write_json(ctx.data / "filtered.json", {"docs_in": len(docs), "docs_out": len(keep)})
         return out
     out = ctx.data / "filtered"

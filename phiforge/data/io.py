@@ -150,9 +150,6 @@ def write_jsonl(path: str | os.PathLike, records) -> None:
     atomic_write_bytes(path, data)
 
 
-write_jsonl_gz = write_jsonl  # the name shard writers and recipe steps use
-
-
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """The records of a jsonl(.gz) file, blank lines skipped; a line that is not JSON is a UserError naming it."""
     with open_text(path) as f:
@@ -393,7 +390,7 @@ def run_units(stage: str, inputs: list[str], out: str | Path, process: Callable[
         kept = process(unit, docs, stats)
         stats.docs_out = len(kept)
         if write:
-            write_jsonl_gz(shard_path(out, unit), kept)
+            write_jsonl(shard_path(out, unit), kept)
         stats.seconds = time.perf_counter() - t0
         atomic_write_json(done_path(out, unit), stats.to_json())
         bar.update(len(raws))

@@ -29,7 +29,7 @@ import numpy as np
 from phiforge.client import RequestFailed, add_client_args, client_from_args, gen_params
 from phiforge.data.dedup import exact_hash, word_hashes
 from phiforge.data.filters import FilterConfig, gopher_repetition
-from phiforge.data.io import Stats, done_path, finalize, shard_path, write_jsonl_gz
+from phiforge.data.io import Stats, done_path, finalize, shard_path, write_jsonl
 from phiforge.utils import ArgumentParser, UserError, atomic_write_json, check_writable
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             if lengths:
                 stats.add_hist("words_per_doc", np.array(lengths), np.linspace(0, 1000, 41))
             stats.docs_out = len(kept)
-            write_jsonl_gz(shard_path(out, unit), kept)
+            write_jsonl(shard_path(out, unit), kept)
             stats.seconds = time.perf_counter() - t0
             atomic_write_json(done_path(out, unit), stats.to_json())
             bar.update(len(ids))

@@ -24,8 +24,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
+from phiforge.data.io import input_files, read_documents
 from phiforge.train.shards import read_header, shard_paths, write_shard
-from phiforge.data.io import JSONL_EXT, PARQUET_EXT, TEXT_EXT, input_files, read_documents  # noqa: F401 (re-exported)
 from phiforge.utils import ArgumentParser, UserError, atomic_write_json, check_writable
 
 SEPARATORS = ("eot", "line", "blank", "nul", "file")
