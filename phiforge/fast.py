@@ -56,13 +56,9 @@ def use_bf16_kernel(model: nn.Module) -> int:
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Make the load-time kernel choices for decoding, in place, and return the model:
-    1. bf16 weights on CPU: plain Linears become Bf16Linear (use_bf16_kernel; a no-op without the kernel);
-    2. every submodule with a `prepare_for_inference()` method of its own (a quantized Linear that re-lays out its
-       weights for its kernel, e.g. int4 tiling) gets it called now rather than at its first forward.
-    Idempotent. Training is unaffected: the swapped modules fall back to aten under autograd."""
+    """Make the load-time kernel choices for decoding, in place, and return the model: with bf16 weights on CPU,
+    plain Linears become Bf16Linear (use_bf16_kernel; a no-op without the kernel). int4 modules need nothing here:
+    they hold their kernel's layout from quantize/load on. Idempotent. Training is unaffected: the swapped modules
+    fall back to aten under autograd."""
     use_bf16_kernel(model)
-    for m in model.modules():
-        if m is not model and callable(getattr(m, "prepare_for_inference", None)):
-            m.prepare_for_inference()
     return model

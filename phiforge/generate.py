@@ -14,7 +14,7 @@ Layers, small to large (each one calls only the one below it):
 3. `generate(...)`: the final `GenerationResult`s.  4. `main(argv)`: the CLI.  `phiforge chat` calls 2.
 
 Sampling, penalties, detokenization and stop strings are phiforge.sample's (`Sequence.choose` / `Sequence.accept`).
-Kernel swaps (bf16 GEMV on CPU, int4 tiling) are a load-time step, `phiforge.fast.prepare_for_inference(model)`,
+Kernel swaps (the bf16 GEMV on CPU) are a load-time step, `phiforge.fast.prepare_for_inference(model)`,
 that the CLIs and the server call; this module never changes the model.
 
 LongRoPE policies (`GenerationConfig.rope_policy`), for models with rope_scaling (short/long factor sets):
