@@ -64,11 +64,18 @@ def test_output_under_a_file_is_refused_before_any_work(tmp_path, model_dir, mon
     NotADirectoryError / FileExistsError and a traceback."""
     from phiforge import cli
 
-    loaded = []
     import phiforge
-    monkeypatch.setattr(phiforge, "load", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(AssertionError))
-    for name, argv in _bad_out_commands(tmp_path, model_dir):
-        module = __import__(cli.COMMANDS[argv[0]][0], fromlist=["main"])
+
+    commands = _bad_out_commands(tmp_path, model_dir)
+    # Import every command first: a module first imported under the patch (quant.cli does `from phiforge import
+    # load`) would keep the fake load for the rest of the session.
+    modules = {name: __import__(cli.COMMANDS[argv[0]][0], fromlist=["main"]) for name, argv in commands}
+    loaded = []
+    fake = lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(AssertionError)  # noqa: E731
+    for owner in (phiforge, *[m for m in modules.values() if getattr(m, "load", None) is phiforge.load]):
+        monkeypatch.setattr(owner, "load", fake)
+    for name, argv in commands:
+        module = modules[name]
         with pytest.raises(UserError, match=r"blocker is a file, not a folder"):
             module.main(argv[1:])
         assert not loaded, f"{name} loaded the model before checking --out"
