@@ -6,11 +6,14 @@ Reference: transformers models/phimoe/modular_phimoe.py (5.x as installed). tran
 `mlp.router` in memory; phiforge keeps the Hub checkpoint's names (PHI3_SPEC 5.1), so the in-memory copy maps
 them (`to_phiforge`). On save_pretrained transformers 5 writes the Hub names back, which phiforge.load reads as is.
 
-Only LongRoPE's short regime (positions < original_max_position_embeddings) is compared: transformers 5's
-PhimoeRotaryEmbedding.forward calls rope_init_fn(config) without seq_len, so it rotates with the SHORT factors at
-every length while switching the mscale to long_mscale past original_max. The released model (and phiforge) use
-the long factors there, so in the long regime the reference is wrong and no comparison is made yet.
+A reference bug, corrected in the long-regime tests: transformers 5's PhimoeRotaryEmbedding.forward calls
+`rope_init_fn(config)` without the sequence length, so it rotates with the SHORT factors at every length while
+switching the mscale to long_mscale past original_max_position_embeddings. The released model (Microsoft's
+modeling_phimoe.py) and phiforge use the long factors there. `corrected_rotary` patches that one call to pass the
+sequence length (what transformers' own longrope init reads to pick the factors); the short regime is compared
+against transformers as it is.
 """
+import contextlib
 import json
 
 import pytest
@@ -29,7 +32,35 @@ CASES = {
     "8-experts-gqa4": dict(num_local_experts=8, num_key_value_heads=1),
     "longrope-short": dict(num_local_experts=6, max_position_embeddings=1024, original_max_position_embeddings=32,
                            rope_scaling=LONGROPE),
+    # inputs of 50 positions cross original_max (32): the long factors and long_mscale
+    "longrope-long": dict(num_local_experts=5, max_position_embeddings=1024, original_max_position_embeddings=32,
+                          rope_scaling=LONGROPE),
 }
+LENGTH = {"longrope-short": 20, "longrope-long": 50}  # default 40
+
+
+@contextlib.contextmanager
+def corrected_rotary():
+    """transformers 5 with its one PhiMoE LongRoPE bug fixed (module doc): the init function gets the sequence
+    length, so past original_max the long factors are used with the long mscale, as in the original model."""
+    from transformers.models.phimoe import modeling_phimoe as m
+
+    def forward(self, x, position_ids=None):
+        seq_len = int(torch.max(position_ids)) + 1
+        rp = self.config.rope_parameters
+        inv_freq, mscale = self.rope_init_fn(self.config, x.device, seq_len)  # the corrected call
+        if rp["rope_type"] != "default":
+            mscale = rp["long_mscale"] if seq_len > rp["original_max_position_embeddings"] else rp["short_mscale"]
+        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * mscale).to(x.dtype), (emb.sin() * mscale).to(x.dtype)
+
+    original = m.PhimoeRotaryEmbedding.forward
+    m.PhimoeRotaryEmbedding.forward = forward
+    try:
+        yield
+    finally:
+        m.PhimoeRotaryEmbedding.forward = original
 
 
 def hf_reference(cfg: PhiMoEConfig, seed: int = 0):
@@ -82,9 +113,9 @@ def pair(case: str):
 def test_logits_match_transformers(case):
     cfg, ref, model = pair(case)
     torch.manual_seed(1)
-    T = 20 if cfg.rope_scaling else 40  # LongRoPE: stay below original_max (32), see the module doc
-    ids = torch.randint(0, cfg.vocab_size, (2, T))
-    with torch.no_grad():
+    ids = torch.randint(0, cfg.vocab_size, (2, LENGTH.get(case, 40)))
+    fix = corrected_rotary() if case == "longrope-long" else contextlib.nullcontext()
+    with torch.no_grad(), fix:
         want, got = ref(ids).logits, model(ids)
         loss = model(ids[:, :-1], targets=ids[:, 1:])
     err = (got - want).abs().max().item()
@@ -106,19 +137,22 @@ def test_router_matches_transformers_sparsemixer():
     assert (got_w.sum(-1) > 1.01).any(), "weights are not renormalised: a clear winner gives ~1 each"
 
 
-@pytest.mark.parametrize("case", ["8-experts-gqa4", "longrope-short"])
+@pytest.mark.parametrize("case", ["8-experts-gqa4", "longrope-short", "longrope-long"])
 def test_cached_decoding_equals_full_forward(case):
+    """Prompt P tokens in chunks of 4, then one token at a time. A sequence that will cross original_max is decoded
+    in the long regime from its first token (as `generate` decides per sequence), so the full forward is too."""
     cfg, _, model = pair(case)
     torch.manual_seed(2)
-    T, P = 24, 10  # prompt P tokens in chunks of 4, then one token at a time
+    T, P = (44, 10) if case == "longrope-long" else (24, 10)
+    long_rope = True if case == "longrope-long" else None
     ids = torch.randint(0, cfg.vocab_size, (2, T))
     with torch.no_grad():
-        full = model(ids)  # (2, T, V)
+        full = model(ids, long_rope=long_rope)  # (2, T, V)
         cache = model.make_cache(2, T)
         pos = torch.arange(T)[None].expand(2, T)
-        got = [prefill(model, ids[:, :P], pos[:, :P], cache, 0, chunk=4)]
+        got = [prefill(model, ids[:, :P], pos[:, :P], cache, 0, chunk=4, long_rope=long_rope)]
         for t in range(P, T):
-            got.append(decode_one_token(model, ids[:, t], pos[:, t], cache, torch.tensor([t])))
+            got.append(decode_one_token(model, ids[:, t], pos[:, t], cache, torch.tensor([t]), long_rope=long_rope))
     err = (torch.stack(got, dim=1) - full[:, P - 1:]).abs().max().item()
     print(f"{case}: cached vs full max abs error {err:.2e}")
     assert err <= 1e-5, f"{case}: cached decoding differs from the full forward by {err:.2e}"
@@ -155,7 +189,7 @@ def test_training_forward_is_deterministic_and_differentiable():
 
 
 def test_long_regime_uses_long_factors_and_long_mscale():
-    """Not comparable with transformers 5 (module doc); checked against the formula of PHI3_SPEC 3.2 instead."""
+    """The rotary tables against the formula of PHI3_SPEC 3.2, independently of transformers, in both regimes."""
     from phiforge.models.phimoe import RotaryEmbedding
 
     cfg = config_from_name("tiny-moe", **CASES["longrope-short"])
@@ -183,3 +217,39 @@ def test_load_folder_saved_by_transformers(tmp_path):
     with torch.no_grad():
         err = (model(ids) - ref(ids).logits).abs().max().item()
     assert err <= 1e-5, f"max abs logit error {err:.2e}"
+
+
+def test_transformers_loads_what_phiforge_saves(tmp_path):
+    """The reverse direction: a phiforge model (its own init, perturbed) saved with save_hf_folder loads in
+    transformers' PhimoeForCausalLM with equal logits, in both LongRoPE regimes (long: the corrected reference)."""
+    from transformers import PhimoeForCausalLM
+
+    from phiforge.checkpoint import save_hf_folder
+
+    cfg = config_from_name("tiny-moe", **CASES["longrope-long"])
+    model = PhiMoE(cfg)
+    model.init_weights(seed=3)
+    with torch.no_grad():  # biases and norms are 0 and 1 after init: perturb them so that they are compared too
+        for name, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_hf_folder(model.eval(), tmp_path)
+    ref = PhimoeForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    for T in (20, 50):
+        ids = torch.randint(0, cfg.vocab_size, (1, T))
+        fix = corrected_rotary() if T > cfg.original_max_position_embeddings else contextlib.nullcontext()
+        with torch.no_grad(), fix:
+            err = (model(ids) - ref(ids).logits).abs().max().item()
+        assert err <= 1e-5, f"T={T}: max abs logit error {err:.2e}"
+
+
+def test_greedy_generate_equals_transformers_for_64_tokens():
+    from phiforge.generate import generate
+
+    cfg, ref, model = pair("8-experts-gqa4")
+    prompt = torch.randint(3, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+    got = generate(model, None, [prompt], max_new_tokens=64, stop_ids=())
+    got = got[0].token_ids if isinstance(got, list) else got.token_ids
+    assert len(want) == 64 and got == want
