@@ -356,7 +356,7 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_local_experts))
         self.generator: torch.Generator | None = None
         # a plain CPU tensor, not a buffer: DDP would broadcast rank 0's buffer over each rank's own counts
-        self.routed = torch.zeros(cfg.num_local_experts, dtype=torch.long)
+        self.routed = torch.zeros(cfg.num_local_experts, dtype=torch.long, device="cpu")  # not meta at a meta build
 
     def forward(self, x):
         B, T, C = x.shape
