@@ -113,3 +113,27 @@ def test_moe_sigkill_at_random_step_then_resume_is_exact(tmp_path, data):
                                                        (5, 16))
     load = lambda p: [x["moe/load"] for x in records(p) if "loss" in x]  # noqa: E731
     assert load(run)[resumed_from:] == load(ref)[resumed_from:]  # the same routing after the resume
+
+
+def test_moe_activation_checkpointing_replays_the_router_draws():
+    """Recomputing a block in the backward pass must sample the same experts: torch.utils.checkpoint restores the
+    global RNG, from which the router draws, so loss and gradients equal a run without checkpointing."""
+    from phiforge.models.phimoe import PhiMoE
+
+    model = PhiMoE(config_from_name("tiny-moe"))
+    model.init_weights(seed=0)
+    model.train()
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        torch.manual_seed(4)
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = runs
+    assert torch.equal(l0, l1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+    load = model.pop_expert_load()  # a plain forward, a checkpointed one counted twice (its recompute): 3 x 2x16 x 2
+    assert load.shape == (2, 4) and load.sum(-1).tolist() == [3 * 2 * 16 * 2] * 2
+    assert model.pop_expert_load().sum() == 0  # popped: reset

@@ -375,9 +375,11 @@ class SparseMoE(nn.Module):
         if self.training:
             self.routed += torch.tensor(counts)
         xs = x[token]  # (N*2, C) grouped by expert
-        # Every expert runs, an idle one on 0 tokens: its weights then get a zero gradient rather than none, so
-        # DDP and FSDP2 reduce the same set of gradients on every rank whatever the routing.
-        ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts))])
+        # In training every expert runs, an idle one on 0 tokens: its weights then get a zero gradient rather than
+        # none, so DDP and FSDP2 reduce the same set of gradients on every rank whatever the routing. Inference
+        # skips idle experts (decoding one token leaves E-2 of them idle in every layer).
+        ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts))
+                        if self.training or len(chunk)])
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys).view(B, T, C)
 
