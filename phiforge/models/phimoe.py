@@ -5,6 +5,8 @@ References (read, not copied):
   * transformers src/transformers/models/phimoe/modular_phimoe.py (5.x as installed; PHI3_SPEC reads it
     @ 0233e509): sparsemixer, PhimoeRotaryEmbedding (explicit short/long mscale), LayerNorm block
   * SparseMixer-v2: Liu et al., "GRIN: GRadient-INformed MoE", arXiv 2409.12136
+  * transformers models/phimoe/modeling_phimoe.py: sparsemixer (training=True/False), PhimoeMultiplier,
+    PhimoeSparseMoeBlock's input jitter (the training router here draws the same random numbers in the same order)
   * ../shared/docs/PHI3_SPEC.md sections 3.2 (LongRoPE, MoE mscales) and 5 (tensors, router inference path)
 
 Notation: B batch, T query length, S key length (cache slots), C hidden size, nh query heads, nkv key/value heads,
@@ -279,10 +281,11 @@ def sparsemixer_top2(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, to
 class HeunMultiplier(torch.autograd.Function):
     """The gate weight of one sampled expert, with SparseMixer-v2's gradient (GRIN, arXiv 2409.12136, section 3).
 
-    Sampling an expert is not differentiable, so the forward value is the picked expert's band-softmax
-    probability p_k, scaled by `scale` (1, or ~1/3 on Heun's mid-point draws, see sparsemixer_train), and the
-    backward is the derivative of the UNSCALED p_k with respect to all logits: d p_k / d l_j = p_k (1[j=k] - p_j).
-    That is what turns the straight-through top-k into the third-order (Heun) estimate of the routing gradient."""
+    Sampling an expert is not differentiable. The forward value is the picked expert's band-softmax probability
+    p_k times `scale` (1, or ~1/3, drawn in _sample_one); the backward is the derivative of the UNSCALED p_k with
+    respect to every logit, d p_k / d l_j = p_k (1[j=k] - p_j), whatever the scale. The pair (scaled forward,
+    unscaled backward) is the released code's `PhimoeMultiplier`, its Heun third-order estimate of the routing
+    gradient (after SparseMixer, Liu et al. 2023)."""
 
     @staticmethod
     def forward(ctx, logits, p_pick, pick, probs, scale):
