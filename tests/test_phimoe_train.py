@@ -137,3 +137,14 @@ def test_moe_activation_checkpointing_replays_the_router_draws():
     load = model.pop_expert_load()  # a plain forward, a checkpointed one counted twice (its recompute): 3 x 2x16 x 2
     assert load.shape == (2, 4) and load.sum(-1).tolist() == [3 * 2 * 16 * 2] * 2
     assert model.pop_expert_load().sum() == 0  # popped: reset
+
+
+def test_idle_experts_get_zero_gradients_in_training():
+    """DDP and FSDP2 reduce the same gradients on every rank only if no expert's gradient is None where another
+    rank's routing used it: in training an expert no token chose runs on 0 tokens and gets a zero gradient."""
+    from phiforge.models.phimoe import SparseMoE
+
+    moe = SparseMoE(config_from_name("tiny-moe", num_local_experts=8)).train()
+    moe(torch.randn(1, 1, 64)).sum().backward()  # one token: 2 experts used, 6 idle
+    grads = [e.w1.weight.grad for e in moe.experts]
+    assert all(g is not None for g in grads) and sum(bool(g.abs().sum() > 0) for g in grads) == 2
