@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from phiforge.train import pretrain
 
@@ -52,5 +53,8 @@ def test_moe_torchrun_matches_single_process(tmp_path, data, single, parallel, b
     print(f"{parallel}: max abs loss difference to one process {err:.1e} over {DIST_STEPS} steps")
     assert len(got) == len(want) == DIST_STEPS and err <= 1e-5, (got, want)
     assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "phimoe"
+    rng = [load_file(str(out / "ckpt" / f"step_{DIST_STEPS:08d}" / f"rng_rank{r}.safetensors"))["torch_cpu"]
+           for r in (0, 1)]
+    assert not torch.equal(*rng)  # each rank its own torch RNG stream (seed + rank): the router's draws differ
     load = lambda p: torch.tensor([x["moe/load"] for x in records(p) if "loss" in x])  # noqa: E731
     assert (load(out) - load(single)).abs().max() <= 1e-6  # pooled over ranks: the same routing as one process

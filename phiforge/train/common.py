@@ -117,15 +117,17 @@ def parse_stage_args(prog: str, doc: str, cls: type, argv: list[str], named: tup
     return resolve_config(cls, args.config, dict(args.overrides)), args
 
 
-def start(cfg, resume: str | None, master: bool = True) -> Path | None:
+def start(cfg, resume: str | None, rank: int = 0) -> Path | None:
     """The preamble of a training run: torch threads and seed, the resolved config printed (rank 0), and the
     checkpoint to resume from (None for a fresh run)."""
     from phiforge.train.state import resume_point
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    if master:
+    # one torch RNG stream per rank, rank 0's that of a single process: what draws from it in training (the MoE
+    # router's samples) must not repeat the same numbers on every rank. Weights and data have seeds of their own.
+    torch.manual_seed(cfg.seed + rank)
+    if rank == 0:
         print(format_config(cfg), end="", file=sys.stderr)
     return resume_point(Path(cfg.out), resume)
 

@@ -347,7 +347,7 @@ def train(cfg: PretrainConfig, resume: str | None = None, argv: list[str] | None
     if cfg.dtype == "auto":
         cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     out = Path(cfg.out)
-    ckpt_path = start(cfg, resume, master)
+    ckpt_path = start(cfg, resume, rank)
 
     # -- model
     from phiforge import models
