@@ -276,22 +276,20 @@ def test_heldout_bpb_equals_the_perplexity_command_on_the_exported_model(tmp_pat
 
 
 # -- exact resume ------------------------------------------------------------------------------------------------
-def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, data):
-    """Kill a training subprocess with SIGKILL at a random step after its first checkpoint, resume it, and
-    require exactly (bit for bit, fp32 CPU) the loss sequence of an uninterrupted run."""
-    steps = 40
-    kw = dict(max_steps=steps, ckpt_every=4, eval_every=8, seq_len=64, batch_size=8, grad_accum=2, threads=1,
-              sources={"a": str(data / "a"), "b": str(data / "b")},
-              phases=[{"weights": {"a": 0.7, "b": 0.3}, "until_step": 10}, {"weights": {"a": 0.2, "b": 0.8}}])
+def assert_resume_is_exact(args_for, tmp_path: Path, steps: int, kill_at: tuple[int, int]):
+    """Run `phiforge pretrain args_for(out)` twice: uninterrupted (in process), and in a subprocess SIGKILLed at a
+    random step in `kill_at` once a checkpoint exists, then resumed to the end. Require exactly (bit for bit, fp32
+    CPU) the same loss sequence. Returns (uninterrupted run dir, resumed run dir, the resume's CompletedProcess,
+    the step it resumed from)."""
     ref = tmp_path / "ref"
-    pretrain.main(tiny_args(data, ref, **kw))
+    pretrain.main(args_for(ref))
     expected = losses(ref)
     assert len(expected) == steps
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "phiforge.train.pretrain", *tiny_args(data, run, **kw)]
-    kill_at = random.Random().randint(5, 20)
+    cmd = [sys.executable, "-m", "phiforge.train.pretrain", *args_for(run)]
+    kill_at = random.Random().randint(*kill_at)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics, done = run / "metrics.jsonl", 0
     deadline = time.time() + 90
@@ -305,12 +303,22 @@ def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, data):
     rc = proc.wait()
     assert rc == -signal.SIGKILL, f"the run was not killed mid-training (rc {rc}): {proc.stderr.read()[-2000:]}"
     resumed_from = read_checkpoint_state(latest_checkpoint(run))["step"]
-    assert 4 <= resumed_from < steps
+    assert 0 < resumed_from < steps
     r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr
-    got = losses(run)
-    assert got == expected, f"killed after step ~{done}, resumed from {resumed_from}"
+    assert losses(run) == expected, f"killed after step ~{done}, resumed from {resumed_from}"
+    return ref, run, r, resumed_from
+
+
+def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, data):
+    """Kill a training subprocess with SIGKILL at a random step after its first checkpoint, resume it, and
+    require exactly (bit for bit, fp32 CPU) the loss sequence of an uninterrupted run."""
+    steps = 40
+    kw = dict(max_steps=steps, ckpt_every=4, eval_every=8, seq_len=64, batch_size=8, grad_accum=2, threads=1,
+              sources={"a": str(data / "a"), "b": str(data / "b")},
+              phases=[{"weights": {"a": 0.7, "b": 0.3}, "until_step": 10}, {"weights": {"a": 0.2, "b": 0.8}}])
+    ref, run, _, _ = assert_resume_is_exact(lambda out: tiny_args(data, out, **kw), tmp_path, steps, (5, 20))
     val = lambda p: [(x["step"], x["val/a"]) for x in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
                      if "val/a" in x]  # noqa: E731
     assert val(run) == val(ref)

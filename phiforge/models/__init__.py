@@ -35,6 +35,9 @@ The module exposes:
         .device                         where the weights live
         .lora_targets                   leaf names of the Linears LoRA adapts by default
         .gradient_checkpointing         a bool the training loop may set
+    Optional, for mixture-of-experts families (the trainers log it; a dense model leaves it out):
+        .pop_expert_load()              (L, E) int64 tokens routed to each expert of each layer by training-mode
+                                        forwards since the last call, which resets the counts
     Quantization and LoRA find their Linears by walking `named_modules()` for nn.Linear (names as in the checkpoint)
     and swap them in place; a model never tests what its Linears have become. Kernel swaps for inference are
     fast.prepare_for_inference(model), called once at load.

@@ -5,6 +5,8 @@ References (read, not copied):
   * transformers src/transformers/models/phimoe/modular_phimoe.py (5.x as installed; PHI3_SPEC reads it
     @ 0233e509): sparsemixer, PhimoeRotaryEmbedding (explicit short/long mscale), LayerNorm block
   * SparseMixer-v2: Liu et al., "GRIN: GRadient-INformed MoE", arXiv 2409.12136
+  * transformers models/phimoe/modeling_phimoe.py: sparsemixer (training=True/False), PhimoeMultiplier,
+    PhimoeSparseMoeBlock's input jitter (the training router here draws the same random numbers in the same order)
   * ../shared/docs/PHI3_SPEC.md sections 3.2 (LongRoPE, MoE mscales) and 5 (tensors, router inference path)
 
 Notation: B batch, T query length, S key length (cache slots), C hidden size, nh query heads, nkv key/value heads,
@@ -54,7 +56,10 @@ class PhiMoEConfig:
     attention_bias: bool = True
     lm_head_bias: bool = True
     router_jitter_noise: float = 0.01  # SparseMixer's eps: the 2*eps relative band around each step's max logit
-    input_jitter_noise: float = 0.01  # training-only multiplicative noise; not applied yet (see SparseMoE)
+    input_jitter_noise: float = 0.01  # training only: the MoE input times uniform(1 - j, 1 + j) noise
+    # training only, not in config.json: False routes as at inference (deterministic top-2, gradients through the
+    # band softmax only) instead of SparseMixer-v2's sampling; for ablations and rank-count-independent tests
+    router_sampling: bool = True
     router_aux_loss_coef: float = 0.0
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
@@ -273,30 +278,111 @@ def sparsemixer_top2(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, to
     return torch.cat((w1, w2), dim=-1), torch.cat((i1, i2), dim=-1)
 
 
+class HeunMultiplier(torch.autograd.Function):
+    """The gate weight of one sampled expert, with SparseMixer-v2's gradient (GRIN, arXiv 2409.12136, section 3).
+
+    Sampling an expert is not differentiable. The forward value is the picked expert's band-softmax probability
+    p_k times `scale` (1, or ~1/3, drawn in _sample_one); the backward is the derivative of the UNSCALED p_k with
+    respect to every logit, d p_k / d l_j = p_k (1[j=k] - p_j), whatever the scale. The pair (scaled forward,
+    unscaled backward) is the released code's `PhimoeMultiplier`, its Heun third-order estimate of the routing
+    gradient (after SparseMixer, Liu et al. 2023)."""
+
+    @staticmethod
+    def forward(ctx, logits, p_pick, pick, probs, scale):
+        # logits (N, E) only receives the gradient; p_pick (N, 1), pick (N, 1), probs (N, E), scale (N, 1)
+        ctx.save_for_backward(p_pick, pick, probs)
+        return p_pick * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        p_pick, pick, probs = ctx.saved_tensors
+        g = grad * p_pick  # (N, 1)
+        grad_logits = -probs * g  # -p_k p_j for every j ...
+        grad_logits.scatter_add_(-1, pick, g)  # ... + p_k at j = k
+        return grad_logits, None, None, None, None
+
+
+def _sample_one(logits, left, eps, generator, heun_draws=1):
+    """One SparseMixer-v2 training pick. logits (N, E): the router's, which receive the gradient and against which
+    the band is measured (as at inference); left (N, E): logits with the experts already picked at -inf.
+    Returns the weight (N, 1), differentiable through HeunMultiplier, and the pick (N, 1)."""
+    with torch.no_grad():
+        top = left.max(dim=-1, keepdim=True).values
+        far = (top - logits) / logits.abs().clamp(min=top) > 2 * eps  # outside the 2*eps band below the max
+        banded = left.masked_fill(far, float("-inf"))
+        # Gumbel-max: argmax(l - log(Exp(1))) is a sample from softmax(l) restricted to the band
+        exp1 = torch.empty_like(banded).exponential_(generator=generator)
+        pick = (banded - exp1.log()).max(dim=-1).indices.unsqueeze(-1)
+        probs = banded.softmax(dim=-1)
+        p_pick = probs.gather(-1, pick)
+        # Heun's third-order step: a pick that is not the band's argmax keeps its full weight with probability 1/4,
+        # else 1/3 of it. The released code draws the second pick's uniform twice (rand_like(..).uniform_()), hence
+        # heun_draws; 0.3333 / 0.6667 are its constants too: one seed, bit-equal weights.
+        u = torch.empty_like(p_pick)
+        for _ in range(heun_draws):
+            u.uniform_(generator=generator)
+        keep = (pick == probs.max(dim=-1, keepdim=True).indices) | (u > 0.75)
+        scale = torch.add(0.3333, keep, alpha=0.6667).type_as(probs)
+    return HeunMultiplier.apply(logits, p_pick, pick, probs, scale), pick
+
+
+def sparsemixer_train(logits: torch.Tensor, eps: float, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseMixer-v2's training routing (GRIN, arXiv 2409.12136). logits (N, E) -> weights (N, 2), experts (N, 2).
+
+    Like sparsemixer_top2, but each pick is SAMPLED from its band softmax (Gumbel-max) instead of taken as the
+    argmax, and its weight's gradient is Heun's estimate (HeunMultiplier). The second pick is sampled among the
+    experts left, its band measured against the original logits. Random numbers come from `generator` (None:
+    torch's global RNG, which activation checkpointing replays and training checkpoints save), drawn with the
+    released code's calls and order, so that one seed gives its routing: Exp(1) (N, E), U(0,1) (N, 1) for the
+    first pick, Exp(1) (N, E), U(0,1) (N, 1) twice for the second."""
+    w1, i1 = _sample_one(logits, logits, eps, generator)
+    w2, i2 = _sample_one(logits, logits.detach().scatter(-1, i1, float("-inf")), eps, generator, heun_draws=2)
+    return torch.cat((w1, w2), dim=-1), torch.cat((i1, i2), dim=-1)
+
+
 class SparseMoE(nn.Module):
     """Router `gate` (no bias) + E experts; each token runs through its 2 experts, outputs weighted and summed.
 
-    Training uses the inference routing for now: SparseMixer-v2's Gumbel sampling, Heun's third-order gradient
-    estimator and the input jitter (GRIN, arXiv 2409.12136) are a later step, so training here is deterministic
-    top-2 with gradients through the softmax weights only."""
+    Inference (eval mode) routes with sparsemixer_top2. Training routes with sparsemixer_train (sampled picks,
+    Heun's gradient) after multiplying the input by uniform(1 - j, 1 + j) noise, j = input_jitter_noise; the
+    experts see the jittered input too, as in the released code. (transformers 5 jitters twice, in the block and
+    again in its router; tests/test_phimoe_router.py compares with its router's jitter off.) Random numbers come
+    from `generator` (None: torch's global RNG).
+
+    `routed` counts the tokens routed to each expert in training forwards since the model's pop_expert_load()."""
 
     def __init__(self, cfg: PhiMoEConfig):
         super().__init__()
-        self.eps = cfg.router_jitter_noise
+        self.eps, self.jitter, self.sampling = cfg.router_jitter_noise, cfg.input_jitter_noise, cfg.router_sampling
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_local_experts))
+        self.generator: torch.Generator | None = None
+        # a plain CPU tensor, not a buffer: DDP would broadcast rank 0's buffer over each rank's own counts
+        self.routed = torch.zeros(cfg.num_local_experts, dtype=torch.long, device="cpu")  # not meta at a meta build
 
     def forward(self, x):
         B, T, C = x.shape
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=self.generator)
         x = x.reshape(B * T, C)  # (N, C)
-        weights, experts = sparsemixer_top2(self.gate(x), self.eps)  # (N, 2) each
+        if self.training and self.sampling:
+            weights, experts = sparsemixer_train(self.gate(x), self.eps, self.generator)  # (N, 2) each
+        else:
+            weights, experts = sparsemixer_top2(self.gate(x), self.eps)
         # Group the N*2 (token, expert) pairs by expert, so each expert runs once on all of its tokens.
         flat = experts.reshape(-1)  # (N*2,)
         order = flat.argsort(stable=True)
         token = order // 2  # the token of each sorted pair
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        if self.training:
+            self.routed += torch.tensor(counts)
         xs = x[token]  # (N*2, C) grouped by expert
-        ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts)) if len(chunk)])
+        # In training every expert runs, an idle one on 0 tokens: its weights then get a zero gradient rather than
+        # none, so DDP and FSDP2 reduce the same set of gradients on every rank whatever the routing. Inference
+        # skips idle experts (decoding one token leaves E-2 of them idle in every layer).
+        ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts))
+                        if self.training or len(chunk)])
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys).view(B, T, C)
 
@@ -377,6 +463,16 @@ class PhiMoE(phi3.Phi3):
     def init_buffers(self) -> None:
         """(Re)compute the rotary tables on the weights' device: after a meta-device build."""
         self.rotary = RotaryEmbedding(self.config).to(self.device)
+
+    def pop_expert_load(self) -> torch.Tensor:
+        """(L, E) tokens routed to each expert of each layer by the training forwards since the last call, which
+        resets them; the trainers log it (train/common.expert_load_record). Activation checkpointing runs each
+        forward twice and so doubles every count; the fractions the trainers log are unchanged."""
+        moes = [block.block_sparse_moe for block in self.model.layers]
+        load = torch.stack([moe.routed for moe in moes])
+        for moe in moes:
+            moe.routed = torch.zeros_like(moe.routed)
+        return load
 
 
 # The names the model contract asks for (phiforge/models/__init__.py).

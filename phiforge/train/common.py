@@ -117,15 +117,17 @@ def parse_stage_args(prog: str, doc: str, cls: type, argv: list[str], named: tup
     return resolve_config(cls, args.config, dict(args.overrides)), args
 
 
-def start(cfg, resume: str | None, master: bool = True) -> Path | None:
+def start(cfg, resume: str | None, rank: int = 0) -> Path | None:
     """The preamble of a training run: torch threads and seed, the resolved config printed (rank 0), and the
     checkpoint to resume from (None for a fresh run)."""
     from phiforge.train.state import resume_point
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    if master:
+    # one torch RNG stream per rank, rank 0's that of a single process: what draws from it in training (the MoE
+    # router's samples) must not repeat the same numbers on every rank. Weights and data have seeds of their own.
+    torch.manual_seed(cfg.seed + rank)
+    if rank == 0:
         print(format_config(cfg), end="", file=sys.stderr)
     return resume_point(Path(cfg.out), resume)
 
@@ -251,6 +253,27 @@ class MetricsLog:
         if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def expert_load_record(model, max_cells: int = 1024) -> dict:
+    """The expert-load fields of a training record; {} for a dense model. A mixture-of-experts model counts the
+    tokens its router sends to each expert (the optional `pop_expert_load()` of the model contract); this reads and
+    resets them: `moe/load` is each expert's share of the routed tokens since the last call, all layers together,
+    and `moe/load_layers` the same per layer (when layers x experts <= max_cells). Under torch.distributed the counts
+    are pooled over ranks, so every rank must call this at the same step (a collective)."""
+    pop = getattr(model, "pop_expert_load", None)
+    if pop is None:
+        return {}
+    from phiforge.train import all_reduce_mean
+
+    counts = all_reduce_mean(pop().double())  # (L, E); the mean over ranks has the same shares as the sum
+    if counts.sum() == 0:  # no training forward since the last call
+        return {}
+    shares = lambda c: [round(v, 6) for v in (c / c.sum().clamp(min=1)).tolist()]  # noqa: E731
+    record = {"moe/load": shares(counts.sum(0))}
+    if counts.numel() <= max_cells:
+        record["moe/load_layers"] = [shares(row) for row in counts]
+    return record
 
 
 def export(model, tok, out: Path, base_path: str) -> None:

@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save
 
 from phiforge.lora import disable_adapters, lora_modules
 from phiforge.train.chat_data import SkipReport, build_pairs, collate_pairs, split
-from phiforge.train.common import (MetricsLog, PostTrainConfig, add_adapters, check_choice, export, optimizer_step,
-                                   parse_stage_args, posttrain_setup)
+from phiforge.train.common import (MetricsLog, PostTrainConfig, add_adapters, check_choice, expert_load_record, export,
+                                   optimizer_step, parse_stage_args, posttrain_setup)
 from phiforge.train.config import save_config
 from phiforge.scoring import sequence_logps
 from phiforge.train.pref_losses import cdpo_loss, dpo_loss, ipo_loss, preference_metrics
@@ -228,7 +228,8 @@ def train(cfg: DPOConfig, resume: str | None = None) -> int:
             raise UserError(f"loss is {sums['loss']} at step {step}; lower lr")
         if step % cfg.log_every == 0 or step == max_steps:
             m = preference_metrics(*(torch.cat([s[i] for s in stats]) for i in range(4)), beta=cfg.beta)
-            log({"step": step, "loss": sums["loss"], "lr": lr, **m, "elapsed_s": round(time.time() - t0, 2)})
+            log({"step": step, "loss": sums["loss"], "lr": lr, **m, "elapsed_s": round(time.time() - t0, 2),
+                 **expert_load_record(model)})
             bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
         bar.update(1)
         if (step % cfg.eval_every == 0 or step == max_steps) and val:

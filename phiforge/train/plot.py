@@ -5,7 +5,9 @@
     phiforge plot runs/tinystories/train --hline "transformers loop=1.017"   # + a reference line on held-out bpb
 
 Runs that logged `heldout_bpb` (pretrain's `heldout` setting) get a second panel: held-out bits per byte against
-training minutes, with each --hline as a horizontal reference.
+training minutes, with each --hline as a horizontal reference. Mixture-of-experts runs (records with `moe/load`)
+get the expert load of the first such run: each expert's share of the routed tokens per logged step, and per layer
+over the whole run.
 """
 from __future__ import annotations
 
@@ -47,6 +49,32 @@ def plot_heldout(ax, all_records: dict, hlines: list[tuple[str, float]]) -> None
     ax.legend()
 
 
+def plot_expert_load(ax_steps, ax_layers, run: str, records: list[dict]) -> None:
+    """Heatmaps of the routed-token shares: experts x logged steps (all layers), and layers x experts (the mean
+    over the run's records). An even router shows one flat colour at 1/E."""
+    rows = [r for r in records if "moe/load" in r]
+    steps = [r["step"] for r in rows]
+    load = [[r["moe/load"][e] for r in rows] for e in range(len(rows[0]["moe/load"]))]  # (E, records)
+    im = ax_steps.imshow(load, aspect="auto", interpolation="nearest", cmap="viridis",
+                         extent=(steps[0] - 0.5, steps[-1] + 0.5, len(load) - 0.5, -0.5))
+    ax_steps.figure.colorbar(im, ax=ax_steps, label="share of routed tokens")
+    ax_steps.set_yticks(range(len(load)))
+    ax_steps.set_xlabel("step")
+    ax_steps.set_ylabel("expert")
+    ax_steps.set_title(f"{Path(run).name}: expert load (all layers; even = {1 / len(load):.3f})")
+    per_layer = [r["moe/load_layers"] for r in rows if "moe/load_layers" in r]
+    if per_layer:  # (records, L, E) -> (L, E)
+        mean = [[sum(m[i][e] for m in per_layer) / len(per_layer) for e in range(len(per_layer[0][0]))]
+                for i in range(len(per_layer[0]))]
+        im = ax_layers.imshow(mean, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax_layers.figure.colorbar(im, ax=ax_layers, label="mean share of routed tokens")
+        ax_layers.set_title("expert load per layer (mean over the run)")
+        ax_layers.set_xticks(range(len(mean[0])))
+        ax_layers.set_yticks(range(len(mean)))
+    ax_layers.set_xlabel("expert")
+    ax_layers.set_ylabel("layer")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="phiforge plot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
     all_records = {run: read_metrics(run) for run in args.runs}
     heldout = any("heldout_bpb" in r for recs in all_records.values() for r in recs)
-    fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(15 if heldout else 8, 5), squeeze=False)
+    moe = next((run for run, recs in all_records.items() if any("moe/load" in r for r in recs)), None)
+    panels = 1 + heldout + 2 * (moe is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(8 if panels == 1 else 7.5 * panels, 5), squeeze=False)
     ax = axes[0][0]
     for run, records in all_records.items():
         label = Path(run).name
@@ -95,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ax.legend()
     if heldout:
         plot_heldout(axes[0][1], all_records, hlines)
+    if moe is not None:
+        plot_expert_load(axes[0][panels - 2], axes[0][panels - 1], moe, all_records[moe])
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(out)

@@ -36,7 +36,8 @@ import torch
 
 from phiforge.perplexity import document_stream, evaluate_rolling, read_last_documents
 from phiforge.train import all_reduce_mean, cleanup_distributed, init_distributed, wrap_model
-from phiforge.train.common import MetricsLog, check_choice, check_positive, parse_stage_args, start
+from phiforge.train.common import (MetricsLog, check_choice, check_positive, expert_load_record, parse_stage_args,
+                                   start)
 from phiforge.train.config import save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.shards import open_shard, read_meta, shard_paths
@@ -346,7 +347,7 @@ def train(cfg: PretrainConfig, resume: str | None = None, argv: list[str] | None
     if cfg.dtype == "auto":
         cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     out = Path(cfg.out)
-    ckpt_path = start(cfg, resume, master)
+    ckpt_path = start(cfg, resume, rank)
 
     # -- model
     from phiforge import models
@@ -519,7 +520,8 @@ def train(cfg: PretrainConfig, resume: str | None = None, argv: list[str] | None
                 t_last, tokens_last = now, tokens_seen
                 record = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens_seen, "phase": phase["name"],
                           "tok_per_s": round(tok_s, 1), "mfu": round(flops_per_token * tok_s / peak, 5),
-                          "grad_norm": grad_norm, "elapsed_s": round(seconds_before + now - t_start, 2)}
+                          "grad_norm": grad_norm, "elapsed_s": round(seconds_before + now - t_start, 2),
+                          **expert_load_record(model)}
                 if cfg.clock == "time":
                     record["schedule_step"] = sched
                 log(record)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from phiforge.train.chat_data import SkipReport, batches, build_sft, split
-from phiforge.train.common import (MetricsLog, PostTrainConfig, add_adapters, check_choice, export, optimizer_step,
-                                   parse_stage_args, posttrain_setup)
+from phiforge.train.common import (MetricsLog, PostTrainConfig, add_adapters, check_choice, expert_load_record, export,
+                                   optimizer_step, parse_stage_args, posttrain_setup)
 from phiforge.train.config import save_config
 from phiforge.train.schedule import check_schedule, lr_at, make_optimizer, set_lr
 from phiforge.train.state import load_checkpoint, save_checkpoint
@@ -172,7 +172,8 @@ def train(cfg: SFTConfig, resume: str | None = None) -> int:
         if not math.isfinite(loss_value):
             raise UserError(f"loss is {loss_value} at step {step}; lower lr or use dtype fp32")
         if step % cfg.log_every == 0 or step == max_steps:
-            log({"step": step, "loss": loss_value, "lr": lr, "epoch": epoch, "elapsed_s": round(time.time() - t0, 2)})
+            log({"step": step, "loss": loss_value, "lr": lr, "epoch": epoch, "elapsed_s": round(time.time() - t0, 2),
+                 **expert_load_record(model)})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         if step % cfg.eval_every == 0 or step == max_steps:
