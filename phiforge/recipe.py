@@ -9,10 +9,10 @@ Stages, each reading the previous one's output (docs/recipe.md):
   corpus -> decontam -> filter -> dedup -> tokenizer -> tokenize -> pretrain (two phases) -> sft -> dpo -> quantize
   -> eval -> samples -> report
 A stage is skipped when its done-marker (OUT/.recipe/<stage>.json, written atomically after the stage's output is
-complete) exists, so rerunning a killed run continues it; a killed pretrain/sft/dpo resumes from its last checkpoint.
+complete) exists and the output it names still does, so rerunning a killed run continues it; a killed pretrain/sft/dpo resumes from its last checkpoint.
 
 Config precedence: recipes/default.yaml (the only copy of the defaults) < recipes/smoke.yaml (with --smoke) <
---recipe FILE < --data / --threads / --set section.key=value flags (the override syntax of every command,
+--recipe FILE < --arch moe < --data / --threads / --set section.key=value flags (the override syntax of every command,
 phiforge/train/config.py). The resolved recipe is printed and saved as OUT/recipe.yaml; a rerun into the
 same OUT may change only keys that no finished stage read (a run that failed at pretraining takes a corrected
 pretrain.* key). The `pretrain`, `sft` and `dpo` sections are passed through as those stages' own YAML configs, so
@@ -79,6 +79,8 @@ def resolve(args) -> dict:
         cfg = merge(cfg, SMOKE)
     if args.recipe:
         cfg = merge(cfg, load_yaml(args.recipe, "--recipe"))
+    if args.arch == "moe":
+        cfg = merge(cfg, moe_overlay(cfg))
     flags = nest(parse_set(args.set))
     if args.data:
         flags["data"] = args.data
@@ -89,6 +91,16 @@ def resolve(args) -> dict:
         cfg["data"] = [cfg["data"]]
     check_stage_sections(cfg)
     return cfg
+
+
+def moe_overlay(cfg: dict, experts: int = 4) -> dict:
+    """--arch moe: the same model as a PhiMoE (phi-3.5-MoE's architecture) with `experts` experts, each half as
+    wide as the dense FFN, so that top-2 routing makes the *active* parameters per token those of the dense model
+    (the comparison the report makes). --set pretrain.model_args.* still overrides (flags come later)."""
+    args = dict(cfg["pretrain"].get("model_args") or {})
+    dense_ffn = args.get("intermediate_size") or 704
+    return {"pretrain": {"model": "tiny-moe",
+                         "model_args": {**args, "intermediate_size": dense_ffn // 2, "num_local_experts": experts}}}
 
 
 def check_stage_sections(cfg: dict) -> None:
@@ -154,7 +166,7 @@ def check_continuation(out: Path, saved: dict, cfg: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="phiforge recipe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/default", help="run directory (a rerun continues it)")
@@ -163,13 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", nargs="+", help="TinyStories-style text files or folders: a story model instead of "
                     "the standard-library code model")
     ap.add_argument("--smoke", action="store_true", help="toy sizes: every stage runs, in well under 3 minutes")
+    ap.add_argument("--arch", choices=("dense", "moe"), default="dense",
+                    help="dense: Phi-3 (phi-3-mini's architecture); moe: PhiMoE (phi-3.5-MoE's: 4 top-2 experts of "
+                         "half the FFN width, the same active parameters)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the training stages")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one recipe value, e.g. --set pretrain.max_steps=600 (repeatable)")
     ap.add_argument("--quiet", action="store_true", help="stage output only to OUT/logs/, not the console")
     ap.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage")
     ap.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     cfg = resolve(args)
     text = dump_yaml(cfg)
@@ -189,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         marker = out / ".recipe" / f"{name}.json"
         head = f"[recipe {i:2d}/{len(STAGES)}] {name:<9}"
         if marker.exists():
-            print(f"{head} skipped: done earlier ({json.loads(marker.read_text())['output']})", file=sys.stderr)
-            continue
+            done_output = json.loads(marker.read_text())["output"]
+            if Path(done_output).exists():
+                print(f"{head} skipped: done earlier ({done_output})", file=sys.stderr)
+                continue
+            # its output was deleted since (say, report.md to redo the report): run the stage again
+            print(f"{head} done earlier, but {done_output} is gone: running it again", file=sys.stderr)
         print(f"{head} running ... (log: {out / 'logs'})", file=sys.stderr, flush=True)
         for later, _ in STAGES[i:]:  # a stage that runs again invalidates everything after it
             (out / ".recipe" / f"{later}.json").unlink(missing_ok=True)

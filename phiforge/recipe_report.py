@@ -69,7 +69,8 @@ def collect_metrics(ctx) -> dict:
     if hf:
         mc = models.config_from_hf(hf)
         m["model"] = {"parameters": mc.num_params(), "hidden_size": mc.hidden_size, "layers": mc.num_hidden_layers,
-                      "heads": mc.num_attention_heads, "vocab_size": mc.vocab_size}
+                      "heads": mc.num_attention_heads, "vocab_size": mc.vocab_size,
+                      "experts": getattr(mc, "num_local_experts", None)}
     recs = _jsonl(ctx.p("pretrain", "metrics.jsonl"))
     train = [r for r in recs if "loss" in r]
     if train:
@@ -265,7 +266,9 @@ def render_report(ctx, m: dict, rows, timings: dict) -> str:
         L.append(f"Phase-2 {what} kept {f['docs_out']} of {f['docs_in']} documents.")
     if "model" in m:
         mm = m["model"]
-        L += ["", f"Model: Phi-3 architecture, {mm['parameters'] / 1e6:.2f}M parameters ({mm['layers']} layers, "
+        arch = (f"PhiMoE architecture ({mm['experts']} experts, top-2)" if mm.get("experts")
+                else "Phi-3 architecture")
+        L += ["", f"Model: {arch}, {mm['parameters'] / 1e6:.2f}M parameters ({mm['layers']} layers, "
               f"hidden {mm['hidden_size']}, {mm['heads']} heads, vocab {mm['vocab_size']})."]
     p = m.get("pretrain", {})
     if p:
