@@ -34,6 +34,8 @@ The module exposes:
         .head                           the module mapping final hidden states (.., C) -> logits (.., V)
         .device                         where the weights live
         .lora_targets                   leaf names of the Linears LoRA adapts by default
+        .keep_float                     leaf names of block Linears quantization leaves in full precision
+                                        (optional, default none: PhiMoE's router `gate`)
         .gradient_checkpointing         a bool the training loop may set
     Quantization and LoRA find their Linears by walking `named_modules()` for nn.Linear (names as in the checkpoint)
     and swap them in place; a model never tests what its Linears have become. Kernel swaps for inference are
