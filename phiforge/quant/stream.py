@@ -29,11 +29,16 @@ SLICE_BYTES = 16 << 20  # fp32 bytes of weight quantized at once: bounds quantiz
 
 
 def meta_model(folder: Path):
-    """The folder's config and its Model on the meta device (shapes and module names, no memory)."""
+    """The float checkpoint folder's config and its Model on the meta device (shapes and module names, no memory), once every
+    tensor in the folder's headers is known to be there with its shape (else one error naming the tensor, before
+    `phiforge quantize` prints or writes anything)."""
     from phiforge import models
-    from phiforge.checkpoint import read_config
+    from phiforge.checkpoint import check_shapes, read_config, read_shapes
 
+    if (folder / "quant_config.json").exists():
+        raise UserError(f"{folder} is already quantized (it has quant_config.json); quantize the float checkpoint")
     cfg = read_config(folder)
+    check_shapes(cfg, read_shapes(folder), str(folder))
     with torch.device("meta"):
         return cfg, models.build(cfg)
 
@@ -63,15 +68,11 @@ def _quantize_slices(spec: dict, w, key: str, symmetric: bool, source: str) -> d
 def quantize_folder(src, out, bits: int = 4, group_size: int | None = None, symmetric: bool = False,
                     embed_bits: int | None = None, tokenizer=None) -> Path:
     """RTN-quantize the checkpoint folder `src` into `out`, one shard at a time (module doc). Returns `out`."""
-    from phiforge.checkpoint import (LOAD_BAR_BYTES, check_finite, check_shapes, read_shapes, save_atomic,
-                                     weight_files, write_folder_files)
+    from phiforge.checkpoint import LOAD_BAR_BYTES, check_finite, save_atomic, weight_files, write_folder_files
     from phiforge.quant import plan
 
     src, out = Path(src), Path(out)
-    if (src / "quant_config.json").exists():
-        raise UserError(f"{src} is already quantized (it has quant_config.json); quantize the float checkpoint")
-    cfg, model = meta_model(src)
-    check_shapes(cfg, read_shapes(src), str(src))  # every tensor named and shaped right before any work
+    cfg, model = meta_model(src)  # checks every tensor's name and shape before any work
     qc = plan(model, bits, group_size, symmetric, "rtn", embed_bits)
     specs = qc["modules"]
     # A tied head is the embedding (load_hf_folder ties it, ignoring a stored lm_head copy): quantize it from there.
