@@ -262,3 +262,32 @@ def test_shard_by_shard_quantization_stays_within_memory_and_equals_in_memory_rt
     result = generate(loaded, None, x[0].tolist(), max_new_tokens=4, stop_ids=[])
     result = result[0] if isinstance(result, list) else result
     assert len(result.token_ids) == 4
+
+
+@pytest.mark.parametrize("family,bits,embed_bits", [("tiny", 4, 8), ("tiny", 8, None), ("tiny-moe", 8, 8)])
+def test_streamed_quantization_of_small_sharded_folders_equals_in_memory(tmp_path, family, bits, embed_bits):
+    """The shard-by-shard path for the dense family too, with a tied head (quantized from the embedding tensor),
+    int8 and the int8 embedding: same tensors as in-memory
+    quantize() bit for bit, and `phiforge inspect` checks the sharded quantized folder from its headers."""
+    from phiforge.checkpoint import build_model, read_state_dict, save_hf_folder
+    from phiforge.inspect import main as inspect_main
+    from phiforge.quant.stream import quantize_folder
+
+    cfg = config_from_name(family, tie_word_embeddings=True)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    src = save_hf_folder(model, tmp_path / "fp", max_shard_bytes=100_000, dtype=torch.bfloat16)
+    assert (src / "model.safetensors.index.json").exists()
+    out = quantize_folder(src, tmp_path / "q", bits=bits, group_size=32, embed_bits=embed_bits)
+    ref, _ = load(str(src))
+    quant.quantize(ref, bits=bits, group_size=32, embed_bits=embed_bits)
+    want, got = quant.file_state(ref), read_state_dict(out)
+    assert set(got) == set(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k].contiguous()) for k in want)
+    assert inspect_main([str(out)]) == 0
+    loaded, _ = load(str(out))
+    x = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref(x))
