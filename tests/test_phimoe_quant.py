@@ -314,3 +314,21 @@ def test_streamed_quantization_of_small_sharded_folders_equals_in_memory(tmp_pat
     x = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(x), ref(x))
+
+
+def test_quantize_and_generate_cli_on_a_moe_folder(tmp_path, trained_tokenizer):
+    """`phiforge quantize` (shard by shard) then `phiforge generate` on the int4 phi-3.5-MoE folder, tokenizer
+    carried over."""
+    from phiforge.checkpoint import build_model, save_hf_folder
+    from phiforge.quant import cli as quant_cli
+    from phiforge.utils import run_main
+
+    tok = trained_tokenizer
+    cfg = config_from_name("tiny-moe", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+    src = save_hf_folder(build_model(cfg).eval(), tmp_path / "fp", tok, max_shard_bytes=200_000)
+    assert run_main(quant_cli.main, [str(src), "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "q")]) == 0
+    model, tok2 = load(str(tmp_path / "q"))
+    assert tok2 is not None and isinstance(model.model.layers[0].block_sparse_moe.experts[0].w2, quant.Int4Linear)
+    proc = subprocess.run([sys.executable, "-m", "phiforge.cli", "generate", str(tmp_path / "q"), "--prompt", "Once",
+                           "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

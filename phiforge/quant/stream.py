@@ -10,7 +10,7 @@ The output mirrors the input's files (same shard names, a new index), in the for
 tensors are what `quantize()` + `save_quantized()` give for the same model loaded as float32, bit for bit, because
 the slices go through the very modules (formats.rtn_module) and their file layout (checkpoint.file_state).
 
-Which modules get which format is `quantize()`'s choice (`_targets`), read from the model built on the meta device.
+Which modules get which format is `quantize()`'s choice (`plan`), made on the model built on the meta device.
 GPTQ needs calibration forwards through the model, so it stays with `quantize()`.
 """
 from __future__ import annotations
@@ -29,9 +29,9 @@ SLICE_BYTES = 16 << 20  # fp32 bytes of weight quantized at once: bounds quantiz
 
 
 def meta_model(folder: Path):
-    """The float checkpoint folder's config and its Model on the meta device (shapes and module names, no memory), once every
-    tensor in the folder's headers is known to be there with its shape (else one error naming the tensor, before
-    `phiforge quantize` prints or writes anything)."""
+    """The float checkpoint folder's config and its Model on the meta device (shapes and module names, no memory),
+    once every tensor in the folder's headers is known to be there with its shape (else one error naming the tensor,
+    before `phiforge quantize` prints or writes anything)."""
     from phiforge import models
     from phiforge.checkpoint import check_shapes, read_config, read_shapes
 
@@ -111,7 +111,9 @@ def quantize_folder(src, out, bits: int = 4, group_size: int | None = None, symm
         total += sum(t.nbytes for t in state.values())
         del state
     bar.close()
-    if len(files) > 1:
+    if len(files) == 1:  # a stale index from an earlier sharded run would take precedence over model.safetensors
+        (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    else:
         atomic_write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                                  "weight_map": dict(sorted(weight_map.items()))})
     write_folder_files(out, cfg, "float32", tokenizer)
