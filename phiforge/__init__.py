@@ -31,8 +31,7 @@ def load(path_or_preset: str, dtype="float32", device: str = "cpu", seed: int = 
         from phiforge.quant import load_quantized
         return load_quantized(folder, dtype=dtype, device=device)
     model = load_hf_folder(path_or_preset, dtype=dtype, device=device)
-    has_tok = folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
-    return model, (Tokenizer.from_folder(folder) if has_tok else None)
+    return model, Tokenizer.from_folder_or_none(folder)
 
 
 __all__ = ["load", "__version__"]

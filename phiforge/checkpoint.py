@@ -227,28 +227,34 @@ def save_hf_folder(model, folder: str | os.PathLike, tokenizer=None, max_shard_b
     shards.append(current)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _save_atomic(shards[0], folder / "model.safetensors", meta)
+        save_atomic(shards[0], folder / "model.safetensors", meta)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _save_atomic(shard, folder / fname, meta)
+            save_atomic(shard, folder / fname, meta)
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         atomic_write_json(folder / "model.safetensors.index.json",
                           {"metadata": {"total_size": total}, "weight_map": weight_map})
-    hf = cfg.to_hf()
-    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    atomic_write_json(folder / "config.json", hf)
+    write_folder_files(folder, cfg, str(next(iter(state.values())).dtype).removeprefix("torch."), tokenizer)
+    return folder
+
+
+def write_folder_files(folder: Path, cfg, torch_dtype: str, tokenizer=None) -> None:
+    """config.json, generation_config.json (the tokenizer's stop ids) and the tokenizer files: what every model
+    folder phiforge writes holds besides its weights (save_hf_folder, and quant's save_quantized and
+    quantize_folder)."""
+    atomic_write_json(folder / "config.json", {**cfg.to_hf(), "torch_dtype": torch_dtype})
     stop = sorted(tokenizer.stop_ids) if tokenizer is not None else [cfg.eos_token_id]
     atomic_write_json(folder / "generation_config.json",
                       {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop, "pad_token_id": cfg.pad_token_id})
     if tokenizer is not None:
         tokenizer.save(folder)
-    return folder
 
 
-def _save_atomic(tensors: dict, path: Path, meta: dict) -> None:
+def save_atomic(tensors: dict, path: Path, meta: dict) -> None:
+    """save_file to a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     normal_mode(tmp)

@@ -125,6 +125,14 @@ class Tokenizer:
 
     # -- loading and saving ----------------------------------------------------------------------------------------
     @classmethod
+    def from_folder_or_none(cls, folder: str | Path) -> "Tokenizer | None":
+        """The folder's tokenizer, or None where it has no tokenizer.json / tokenizer.model (a model folder may
+        hold weights only: load, load_quantized and `phiforge quantize` all accept that)."""
+        folder = Path(folder)
+        has = folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+        return cls.from_folder(folder) if has else None
+
+    @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json") or {}

@@ -79,3 +79,44 @@ def test_missing_folder_and_unknown_command():
     assert_one_line_error(run_cli("inspect", "/nonexistent/model"), "does not exist")
     proc = run_cli("frobnicate")
     assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phi-3.5-MoE folders: one line naming the config field or the expert tensor, from every command that reads them
+
+
+@pytest.fixture()
+def moe_dir(tmp_path):
+    from phiforge.checkpoint import build_model
+    from phiforge.models import config_from_name
+
+    model = build_model(config_from_name("tiny-moe", num_local_experts=8))  # experts 0..7
+    return save_hf_folder(model, tmp_path / "moe")
+
+
+def _edit_state(folder, edit):
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def test_moe_top_k_other_than_two_refused(moe_dir):
+    cfg = json.loads((moe_dir / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 1
+    (moe_dir / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_cli("inspect", str(moe_dir)), "config.json", "num_experts_per_tok is 1",
+                          "exactly 2 experts")
+
+
+def test_moe_expert_with_wrong_shape_named(moe_dir):
+    name = "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+    _edit_state(moe_dir, lambda s: s.__setitem__(name, torch.zeros(95, 64)))
+    for cmd in (("generate", str(moe_dir), "--prompt", "hi"), ("quantize", str(moe_dir), "--out", str(moe_dir / "q"))):
+        assert_one_line_error(run_cli(*cmd), name, "shape (95, 64)", "expects (96, 64)")
+    assert not (moe_dir / "q").exists()  # refused before writing anything
+
+
+def test_moe_missing_expert_named(moe_dir):
+    name = "model.layers.0.block_sparse_moe.experts.5.w2.weight"
+    _edit_state(moe_dir, lambda s: s.pop(name))
+    assert_one_line_error(run_cli("inspect", str(moe_dir)), f"missing tensor {name} (shape (64, 96))")

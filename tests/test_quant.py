@@ -80,10 +80,12 @@ def test_int4_linear_matches_dequantized_reference(backend, M, G):
     y = q(x)
     assert y.shape == (M, N) and y.dtype == x.dtype
     if backend == "ours":
-        # Stated bound: the kernel rounds activations to int8 per group (step d = absmax / 127), so
-        # |y - ref| <= sum_k |W[n, k]| * d_group(k) / 2, plus fp32 accumulation slack.
+        # Stated bound: the kernel rounds activations to int8 per group (step d = absmax / 127) in the s * q term
+        # only (offsets multiply exact fp32 group sums), so |y - ref| <= sum_k s q[n, k] * d_group(k) / 2, plus fp32
+        # accumulation slack. Not |W| in place of s q: with an offset, |s q| = |W - m| can exceed |W|.
         d = x.reshape(M, -1, G).abs().amax(-1) / 127
-        bound = (W.abs().double().reshape(N, -1, G).sum(-1) @ (d.double().T / 2)).T
+        sq = (W - q.offsets.float().repeat_interleave(G, dim=1)).abs()
+        bound = (sq.double().reshape(N, -1, G).sum(-1) @ (d.double().T / 2)).T
         assert ((y.double() - ref).abs() <= bound * 1.001 + 1e-4).all()
         assert (y.double() - ref).abs().max() > 0  # it is the int8-activation kernel, not a float path
         # Tight check: emulate the kernel's arithmetic (int8 codes round-half-even of x * fp32(1/d), exact integer

@@ -34,6 +34,8 @@ The module exposes:
         .head                           the module mapping final hidden states (.., C) -> logits (.., V)
         .device                         where the weights live
         .lora_targets                   leaf names of the Linears LoRA adapts by default
+        .keep_float                     leaf names of block Linears quantization leaves in full precision
+                                        (optional, default none: PhiMoE's router `gate`)
         .gradient_checkpointing         a bool the training loop may set
     Optional, for mixture-of-experts families (the trainers log it; a dense model leaves it out):
         .pop_expert_load()              (L, E) int64 tokens routed to each expert of each layer by training-mode

@@ -420,6 +420,10 @@ class PhiMoE(phi3.Phi3):
     final norm, head or fused loss). Only construction, init and the rotary differ."""
 
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention only: not the router, not 3*E experts
+    # Quantization leaves the router in full precision: it is tiny (E x C, 0.001% of the weights) and its logits
+    # pick the experts, where SparseMixer's 2*eps band makes a 1e-2 relative error enough to swap an expert or
+    # change a weight from ~1 to ~0.5; an int4 step is ~5% of a group's range.
+    keep_float = ("gate",)
 
     def __init__(self, cfg: PhiMoEConfig):
         nn.Module.__init__(self)  # not Phi3.__init__: the body differs

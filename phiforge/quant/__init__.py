@@ -14,7 +14,9 @@ those buffers plus quant_config.json naming every swapped module. In memory an I
 our kernel's tiled layout (`tile_int4`), converted once when it is made or loaded (quant/checkpoint.py).
 
 Layout of the package: formats.py (primitives, the int4 layouts, the modules), gptq.py, checkpoint.py (save/load);
-this file chooses which modules get which format and runs the swap; cli.py is `phiforge quantize`.
+this file chooses which modules get which format and runs the swap; stream.py quantizes a checkpoint folder shard
+by shard without building the float model (RTN; what `phiforge quantize` runs on a folder); cli.py is
+`phiforge quantize`.
 
 Deviations from the GPTQ paper, on purpose:
   1. Blocks are quantized in order with inputs from the already-quantized earlier blocks (as the paper), but the
@@ -40,7 +42,7 @@ __all__ = ["GROUP_SIZES", "DEFAULT_GROUP_SIZE", "Int4Linear", "Int8Embedding", "
            "save_quantized", "load_quantized", "read_quant_config", "quantized_shapes", "file_state",
            "quantize_int8", "quantize_int4", "dequantize_int4", "int4_params", "int4_codes", "pack_int4",
            "unpack_int4", "tile_int4", "untile_int4", "gptq_int4", "empty_module", "rtn_module",
-           "fitting_group_sizes", "default_group_size"]
+           "fitting_group_sizes", "default_group_size", "plan"]
 
 # The group size used when none is given, where it divides the model's in_features (gpt-fast's and GPTQ's default);
 # otherwise the largest smaller one that does (the recipe's model has intermediate_size 704 = 11 x 64).
@@ -51,9 +53,12 @@ DEFAULT_GROUP_SIZE = 128
 
 
 def _linears(model) -> dict[str, nn.Linear]:
-    """The linears quantization replaces: every block linear and the LM head."""
+    """The linears quantization replaces: every block linear and the LM head, less those whose leaf name the model
+    lists in `keep_float` (PhiMoE's router: see there why)."""
+    keep = tuple(getattr(model, "keep_float", ()))
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (n.startswith("model.layers.") or n == "lm_head")}
+            if isinstance(m, nn.Linear) and (n.startswith("model.layers.") or n == "lm_head")
+            and n.rpartition(".")[2] not in keep}
 
 
 def fitting_group_sizes(model) -> list[int]:
@@ -104,17 +109,28 @@ def _linear_spec(model, mod: nn.Linear, bits: int, group_size: int, name: str) -
 # quantize(model)
 
 
+def plan(model, bits: int = 4, group_size: int | None = None, symmetric: bool = False, method: str = "rtn",
+         embed_bits: int | None = None) -> dict:
+    """The quant_config for `model` (which may live on the meta device): every swapped module's format under
+    "modules", and how. Shared by quantize() and the shard-by-shard stream.quantize_folder, so both choose alike."""
+    if group_size is None:
+        group_size = default_group_size(model) if bits == 4 else DEFAULT_GROUP_SIZE
+    specs = _targets(model, bits, group_size, embed_bits)
+    if method not in ("rtn", "gptq"):
+        raise UserError(f"unknown method {method!r}: use rtn or gptq")
+    return {"format": "phiforge-quant", "version": 1, "bits": bits, "group_size": group_size,
+            "symmetric": symmetric, "method": method if bits == 4 else "rtn",  # int8 is always RTN
+            "embed_bits": embed_bits, "modules": specs}
+
+
 @torch.no_grad()
 def quantize(model, bits: int = 4, group_size: int | None = None, symmetric: bool = False, method: str = "rtn",
              calib: torch.Tensor | None = None, embed_bits: int | None = None, calib_batch: int = 8):
     """Swap the model's linears (and optionally the embedding) for quantized modules, in place; returns the model.
     method "gptq" needs calib: token ids [n_samples, T]. group_size None: default_group_size(model). The swap is
     recorded in model.quant_config."""
-    if group_size is None:
-        group_size = default_group_size(model) if bits == 4 else DEFAULT_GROUP_SIZE
-    specs = _targets(model, bits, group_size, embed_bits)
-    if method not in ("rtn", "gptq"):
-        raise UserError(f"unknown method {method!r}: use rtn or gptq")
+    qc = plan(model, bits, group_size, symmetric, method, embed_bits)
+    specs = qc["modules"]
     if method == "gptq" and bits == 4:  # block order: the Phi-3 layout (model.model.layers, then lm_head)
         if calib is None or calib.numel() == 0:
             raise UserError("GPTQ needs calibration text: pass --calib FILE")
@@ -132,7 +148,5 @@ def quantize(model, bits: int = 4, group_size: int | None = None, symmetric: boo
         rest = list(specs)
     for name in rest:
         set_module(model, name, rtn_module(specs[name], model.get_submodule(name), symmetric))
-    model.quant_config = {"format": "phiforge-quant", "version": 1, "bits": bits, "group_size": group_size,
-                          "symmetric": symmetric, "method": method if bits == 4 else "rtn",  # int8 is always RTN
-                          "embed_bits": embed_bits, "modules": specs}
+    model.quant_config = qc
     return model

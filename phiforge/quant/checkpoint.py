@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from phiforge.quant.formats import Int4Linear, empty_module, tile_int4
-from phiforge.utils import UserError, atomic_write_json, normal_mode, set_module
+from phiforge.utils import UserError, atomic_write_json, set_module
 
 
 def file_state(model, shapes_only: bool = False) -> dict:
@@ -44,49 +44,46 @@ def _tile_file_int4(state: dict, names: list[str]) -> list[str]:
     return absent
 
 
+SAFETENSORS_META = {"format": "pt", "quantization": "phiforge-quant"}
+
+
 def save_quantized(model, folder, tokenizer=None) -> Path:
     """config.json + model.safetensors (quantized buffers and float params) + quant_config.json (+ tokenizer)."""
-    from safetensors.torch import save_file
+    from phiforge.checkpoint import save_atomic, write_folder_files
 
     qc = getattr(model, "quant_config", None)
     if qc is None:
         raise UserError("model is not quantized; call phiforge.quant.quantize(model, ...) first")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    atomic_write_json(folder / "config.json", {**cfg.to_hf(), "torch_dtype": "float32"})
-    stop = sorted(tokenizer.stop_ids) if tokenizer is not None else [cfg.eos_token_id]
-    atomic_write_json(folder / "generation_config.json",
-                      {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop, "pad_token_id": cfg.pad_token_id})
-    if tokenizer is not None:
-        tokenizer.save(folder)
+    write_folder_files(folder, model.config, "float32", tokenizer)
     state = {k: v.detach().contiguous() for k, v in file_state(model).items()}
     if model.config.tie_word_embeddings and "lm_head.weight" in state:
         state.pop("lm_head.weight")
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "quantization": "phiforge-quant"})
-    normal_mode(tmp)
-    tmp.replace(folder / "model.safetensors")
+    save_atomic(state, folder / "model.safetensors", SAFETENSORS_META)
     atomic_write_json(folder / "quant_config.json", qc)
     return folder
 
 
 def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
-    """Inverse of save_quantized: (model, tokenizer or None)."""
-    from safetensors.torch import load_file
-
-    from phiforge.checkpoint import build_model, check_finite, read_config, resolve_dtype
+    """Inverse of save_quantized (and of stream.quantize_folder, whose output may be sharded): (model, tokenizer
+    or None). The model is built on the meta device and takes the file's tensors as they are (assign), so loading
+    needs the quantized size in memory, not the float model's (phi-3.5-MoE: ~23 GB at int4, not 168 GB fp32)."""
+    from phiforge import models
+    from phiforge.checkpoint import check_finite, read_config, read_state_dict, resolve_dtype
     from phiforge.tokenizer import Tokenizer
 
     folder = Path(folder)
     qc = read_quant_config(folder)
     dtype = resolve_dtype(dtype)
-    model = build_model(read_config(folder), dtype, device, init=False)
-    for name, spec in qc["modules"].items():
-        new = empty_module(spec, model.get_submodule(name))
-        new.out_dtype = new.compute_dtype = dtype
-        set_module(model, name, new)
-    state = load_file(str(folder / "model.safetensors"))
+    cfg = read_config(folder)
+    with torch.device("meta"):
+        model = models.build(cfg)
+        for name, spec in qc["modules"].items():
+            new = empty_module(spec, model.get_submodule(name))
+            new.out_dtype = new.compute_dtype = dtype
+            set_module(model, name, new)
+    state = read_state_dict(folder)
     state = {k: (v.to(dtype) if v.is_floating_point() and not _is_quant_buffer(k, qc) else v) for k, v in state.items()}
     check_finite(state, str(folder))
     absent = _tile_file_int4(state, [n for n, spec in qc["modules"].items() if spec["kind"] == "int4"])
@@ -97,10 +94,11 @@ def load_quantized(folder, dtype=torch.float32, device: str = "cpu"):
     if missing or unexpected:
         raise UserError(f"{folder}: quantized weights do not match quant_config.json (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
+    if cfg.tie_word_embeddings and isinstance(model.head, torch.nn.Linear):  # a float head shares the embedding
+        model.head.weight = model.embed.weight
+    model.init_buffers()  # the rotary tables, which no file holds
     model.quant_config = qc
-    tok = Tokenizer.from_folder(folder) if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")) \
-        else None
-    return model.to(device).eval(), tok
+    return model.to(device).eval(), Tokenizer.from_folder_or_none(folder)
 
 
 def read_quant_config(folder) -> dict:

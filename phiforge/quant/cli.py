@@ -12,9 +12,12 @@ from pathlib import Path
 import torch
 
 from phiforge import load
+from phiforge.checkpoint import resolve_path
+from phiforge.models import presets
 from phiforge.quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, default_group_size, quantize, save_quantized
+from phiforge.quant.stream import folder_bytes, meta_model, quantize_folder
+from phiforge.tokenizer import Tokenizer
 from phiforge.utils import ArgumentParser, UserError, check_writable, run_main
-
 
 
 def calibration_ids(tokenizer, path: str, n_samples: int = 128, seq_len: int = 512) -> torch.Tensor:
@@ -47,9 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.group_size is not None and args.group_size not in GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {args.group_size}")
     check_writable(args.out, "dir")
-    model, tok = load(args.model, dtype="float32")
+    gptq = args.method == "gptq" and args.bits == 4
+    # A folder is quantized shard by shard (stream.py: memory ~ one shard, not the float model); GPTQ runs
+    # calibration forwards and a preset has no files, so those load the whole model.
+    streaming = not gptq and not (args.model in presets() and not Path(args.model).exists())
+    if streaming:
+        folder = resolve_path(args.model)
+        _, model = meta_model(folder)
+        tok = Tokenizer.from_folder_or_none(folder)
+    else:
+        model, tok = load(args.model, dtype="float32")
     calib = None
-    if args.method == "gptq" and args.bits == 4:
+    if gptq:
         if not args.calib:
             raise UserError("--method gptq needs --calib FILE (text to calibrate on)")
         if tok is None:
@@ -64,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     how = (f"group {group_size}, {'symmetric' if args.symmetric else 'asymmetric'}, {args.method}" if args.bits == 4
            else "symmetric per output channel, rtn")
     print(f"quantizing {args.model}: {args.bits}-bit, {how}", file=sys.stderr)
-    quantize(model.eval(), args.bits, group_size, args.symmetric, args.method, calib, args.embed_bits)
-    save_quantized(model, args.out, tok)
-    size = (Path(args.out) / "model.safetensors").stat().st_size
-    print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")
+    if streaming:
+        quantize_folder(folder, args.out, args.bits, group_size, args.symmetric, args.embed_bits, tok)
+    else:
+        quantize(model.eval(), args.bits, group_size, args.symmetric, args.method, calib, args.embed_bits)
+        save_quantized(model, args.out, tok)
+    print(f"wrote {args.out} ({folder_bytes(args.out) / 2**20:.1f} MiB)")
     return 0
 
 

@@ -3,6 +3,8 @@ chosen column by column with the inverse Hessian's error feedback. The deviation
 phiforge/quant/__init__.py."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -48,14 +50,17 @@ class _Stop(Exception):
 
 
 def _collect_hessians(model, modules: dict[str, nn.Linear], stop_at: nn.Module, calib: torch.Tensor, batch: int):
-    """Run calibration batches until `stop_at` has run; return {name: H} for the given linears."""
+    """Run calibration batches until `stop_at` has run; return {name: H} for the given linears, H = 2 X^T X / n over
+    the rows each linear saw: every token for a dense linear, only its routed tokens for an MoE expert (the MoE
+    block calls an expert on those alone). A linear that saw no rows is left out."""
     H = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
-    count = {"n": 0}
+    rows = dict.fromkeys(modules, 0)
 
     def hook_for(name):
         def hook(mod, inputs, output):
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             H[name].addmm_(x.t(), x, alpha=2.0)
+            rows[name] += x.shape[0]
         return hook
 
     def stop(mod, inputs, output):
@@ -67,7 +72,6 @@ def _collect_hessians(model, modules: dict[str, nn.Linear], stop_at: nn.Module, 
         with torch.no_grad():
             for i in range(0, calib.shape[0], batch):
                 ids = calib[i:i + batch]
-                count["n"] += ids.numel()
                 try:
                     model(ids)
                 except _Stop:
@@ -75,20 +79,27 @@ def _collect_hessians(model, modules: dict[str, nn.Linear], stop_at: nn.Module, 
     finally:
         for h in handles:
             h.remove()
-    return {n: h / count["n"] for n, h in H.items()}
+    return {n: h / rows[n] for n, h in H.items() if rows[n]}
 
 
 def gptq_swap(model, specs, stage: nn.Module, names: list[str], calib, batch, symmetric):
     """GPTQ for the int4 linears among `names` (one calibration pass up to `stage`); RTN for the int8 ones."""
     linears = {n: model.get_submodule(n) for n in names if specs[n]["kind"] == "int4"}
     hessians = _collect_hessians(model, linears, stage, calib, batch)
-    for name, lin in linears.items():
+    unrouted = [n for n in linears if n not in hessians]
+    if unrouted:  # an all-zero Hessian would zero the weights (GPTQ's dead columns): round-to-nearest instead
+        from tqdm import tqdm  # its write() keeps the line clear of quantize()'s progress bar
+
+        tqdm.write(f"GPTQ: {len(unrouted)} linear(s) saw no calibration tokens (an MoE expert the router never "
+                   f"picked), quantized round-to-nearest: {', '.join(unrouted)}", file=sys.stderr)
+    for name in hessians:
+        lin = linears[name]
         codes, s, m = gptq_int4(lin.weight, hessians[name], specs[name]["group_size"], symmetric)
         new = Int4Linear.from_codes(codes, s, m, specs[name]["group_size"], lin.bias)
         new.compute_dtype = lin.weight.dtype
         set_module(model, name, new)
-    for n in names:  # int8 modules in the stage: round-to-nearest
-        if n not in linears:
+    for n in names:  # int8 modules in the stage, and int4 ones without calibration tokens: round-to-nearest
+        if n not in hessians:
             set_module(model, n, rtn_module(specs[n], model.get_submodule(n), symmetric))
 
 
