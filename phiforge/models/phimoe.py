@@ -306,8 +306,8 @@ class SparseMoE(nn.Module):
         ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts)) if len(chunk)])
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
         # Back to (token, pick) order and the two picks summed: the same sum as index_add_ into zeros (a + b, one
-        # rounding), but aten's CPU index_add_ took ~50 ms here whatever N (2 threads, torch 2.13): 97 % of a
-        # batch-1 decode step (docs/moe.md).
+        # rounding), but aten's CPU index_add_ (its parallel scatter_add) took 50-150 ms a call with 2 threads on
+        # our shared 2-core machine, whatever N (10 us with 1 thread; torch 2.13): 97 % of a batch-1 decode step.
         unsorted = torch.empty_like(ys)
         unsorted[order] = ys
         return unsorted.view(-1, 2, ys.shape[-1]).sum(1)
