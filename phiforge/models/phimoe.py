@@ -297,6 +297,10 @@ class SparseMoE(nn.Module):
     # which the whole step ran eager anyway; disabled, the compiled graph just breaks around the dispatch.
     @torch.compiler.disable
     def _dispatch(self, x, weights, experts):
+        if x.shape[0] == 1:  # one token (a batch-1 decode step): its two experts directly, nothing to group; the
+            # same products and the same two-term sum as below, in a third of the small ops
+            (e1, e2), w = experts[0].tolist(), weights[0].to(x.dtype)
+            return self.experts[e1](x) * w[0] + self.experts[e2](x) * w[1]
         # Group the N*2 (token, expert) pairs by expert, so each expert runs once on all of its tokens.
         flat = experts.reshape(-1)  # (N*2,)
         order = flat.argsort(stable=True)
