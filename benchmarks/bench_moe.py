@@ -79,6 +79,27 @@ def our_prompt_tps(model, ids: torch.Tensor) -> float:
     return ids.shape[1] / (time.perf_counter() - t0)
 
 
+def active_floor_ms(model, iters: int = 20) -> float:
+    """ms per token of the weight matmuls one decode token runs (each layer's q/k/v/o, router and 2 of its experts,
+    and the LM head), as bench_generate.matmul_floor_ms does for a dense model: batch-1 decode is a weight stream,
+    it cannot be faster than this. Experts 0 and 1 stand for the two a token picks."""
+    lins = [model.lm_head]
+    for block in model.model.layers:
+        att, moe = block.self_attn, block.block_sparse_moe
+        lins += [att.q_proj, att.k_proj, att.v_proj, att.o_proj, moe.gate]
+        lins += [lin for e in moe.experts[:2] for lin in (e.w1, e.w3, e.w2)]
+    xs = [torch.randn(1, m.in_features) for m in lins]
+    with torch.inference_mode():
+        best = 1e9
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(iters):
+                for m, x in zip(lins, xs):
+                    m(x)
+            best = min(best, (time.perf_counter() - t) / iters * 1e3)
+    return best
+
+
 def llama_cpp_q4_0(bin_dir: Path, folder: Path, tmp: Path, args) -> tuple[float, float]:
     """llama.cpp's converter on the folder (f32), llama-quantize Q4_0, llama-bench: (decode, prompt) tokens/s."""
     from phiforge.export.llama_cpp import run_converter, write_sentencepiece_tokenizer
@@ -159,6 +180,9 @@ def run(args, tmp: Path) -> None:
     dec = max(ed, cd)
     print(f"decode: phiforge {dec:.1f} tok/s (eager {ed:.1f}, compiled {cd:.1f}), transformers {hd:.1f} tok/s -> "
           f"{dec / hd:.2f}x (eager {ed / hd:.2f}x)", flush=True)
+    floor = active_floor_ms(ours)
+    print(f"floor: the weight matmuls of one decode token alone take {floor:.2f} ms ({1e3 / floor:.0f} tok/s): at most "
+          f"{1e3 / floor / hd:.2f}x over transformers here", flush=True)
     del hf
     gc.collect()
 
