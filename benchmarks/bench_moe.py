@@ -189,7 +189,7 @@ def run(args, tmp: Path) -> None:
     # -- int4 against llama.cpp Q4_0 of the same weights
     llama_bin = None if args.no_llama_cpp else find_llama_cpp(args.llama_cpp)
     from phiforge.export.llama_cpp import converter_tree
-    int4_line = None
+    int4_ratio = None
     if llama_bin is None or converter_tree() is None:
         print("llama.cpp: no build or no converter sources (scripts/build_llama_cpp.sh); int4 row skipped")
     else:
@@ -204,13 +204,12 @@ def run(args, tmp: Path) -> None:
         qd, qp = measure(ours, torch.float32, args.prompt, args.decode, reps=args.reps)
         qcd, _ = measure(ours, torch.float32, args.prompt, args.decode, compile=True, reps=args.reps)
         torch._dynamo.reset()
-        int4_line = (f"int4 decode: phiforge {max(qd, qcd):.1f} tok/s (eager {qd:.1f}), llama.cpp Q4_0 {zdec:.1f} "
-                     f"tok/s -> {max(qd, qcd) / zdec:.2f}x (goal >= 1.0x); prompt {qp:.0f} vs {zpre:.0f} tok/s -> "
-                     f"{qp / zpre:.2f}x")
-        print(int4_line, flush=True)
+        int4_ratio = max(qd, qcd) / zdec
+        print(f"int4 decode: phiforge {max(qd, qcd):.1f} tok/s (eager {qd:.1f}), llama.cpp Q4_0 {zdec:.1f} tok/s -> "
+              f"{int4_ratio:.2f}x; prompt {qp:.0f} vs {zpre:.0f} tok/s -> {qp / zpre:.2f}x", flush=True)
     print(f"prompt: {up / hp:.2f}x vs transformers (goal >= 1.5x)")
-    if int4_line:
-        print(f"int4: {int4_line.split(' -> ')[1].split(' (goal')[0]} vs llama.cpp Q4_0 decode (goal >= 1.0x)")
+    if int4_ratio is not None:
+        print(f"int4: {int4_ratio:.2f}x vs llama.cpp Q4_0 decode (goal >= 1.0x)")
     print(f"bench_moe: {dec / hd:.2f}x vs transformers decode (goal >= 3.0x)")
 
 
