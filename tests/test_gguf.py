@@ -168,3 +168,33 @@ def test_cli_exports_a_saved_model_folder(tmp_path, trained_tokenizer):
     assert main(["gguf", str(tmp_path / "m"), "--type", "q8_0", "--out", str(tmp_path / "m.gguf")]) == 0
     r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+
+
+def test_phimoe_exports_stacked_experts_an_f32_router_and_its_own_mscale(tmp_path, trained_tokenizer):
+    """Without llama.cpp's converter at hand (tests/test_gguf_llama_cpp.py compares with it): arch "phimoe", each
+    layer's experts stacked in expert order, the router f32 at q8_0, the model's explicit mscale."""
+    rope = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "short_mscale": 1.25,
+            "long_mscale": 1.25}
+    cfg = config_from_name("tiny-moe", vocab_size=trained_tokenizer.vocab_size, max_position_embeddings=1024,
+                           original_max_position_embeddings=32, rope_scaling=rope)
+    from phiforge.models.phimoe import PhiMoE
+
+    model = PhiMoE(cfg)
+    model.init_weights(seed=0)
+    path = export_gguf(model, trained_tokenizer, tmp_path / "moe.gguf", "q8_0")
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == "phimoe"
+    assert r.fields["phimoe.expert_count"].contents() == 4 and r.fields["phimoe.expert_used_count"].contents() == 2
+    assert r.fields["phimoe.rope.scaling.attn_factor"].contents() == pytest.approx(1.25)
+    tensors = {t.name: t for t in r.tensors}
+    assert len(tensors) == 2 * 16 + 5 + 2  # per block: 2 norms x 2, q/k/v/o x 2, router, 3 expert stacks; +
+    # embedding, output norm x 2, output x 2; + the 2 rope factor tensors
+    gate = tensors["blk.1.ffn_gate_inp.weight"]
+    assert gate.tensor_type == gguf.GGMLQuantizationType.F32
+    np.testing.assert_array_equal(gate.data, model.model.layers[1].block_sparse_moe.gate.weight.detach().numpy())
+    down = tensors["blk.1.ffn_down_exps.weight"]
+    assert list(down.shape) == [96, 64, 4] and down.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    got = gguf.quants.dequantize(down.data, down.tensor_type).reshape(4, 64, 96)
+    for e, expert in enumerate(model.model.layers[1].block_sparse_moe.experts):
+        w = expert.w2.weight.detach().numpy()
+        np.testing.assert_array_equal(got[e], blocks.DEQUANTIZE["q8_0"](blocks.QUANTIZE["q8_0"](w)))

@@ -370,6 +370,17 @@ class SparseMoE(nn.Module):
             weights, experts = sparsemixer_train(self.gate(x), self.eps, self.generator)  # (N, 2) each
         else:
             weights, experts = sparsemixer_top2(self.gate(x), self.eps)
+        return self._dispatch(x, weights, experts).view(B, T, C)
+
+    # Eager even inside a torch.compile'd decode step: which experts run is data (the .tolist() below), so dynamo
+    # would guard on the split sizes and recompile for each new combination of experts, up to its limit, after
+    # which the whole step ran eager anyway; disabled, the compiled graph just breaks around the dispatch.
+    @torch.compiler.disable
+    def _dispatch(self, x, weights, experts):
+        if x.shape[0] == 1 and not self.training:  # one token (a batch-1 decode step): its two experts directly,
+            # nothing to group; the same products and the same two-term sum as below, in a third of the small ops
+            (e1, e2), w = experts[0].tolist(), weights[0].to(x.dtype)
+            return self.experts[e1](x) * w[0] + self.experts[e2](x) * w[1]
         # Group the N*2 (token, expert) pairs by expert, so each expert runs once on all of its tokens.
         flat = experts.reshape(-1)  # (N*2,)
         order = flat.argsort(stable=True)
@@ -384,7 +395,12 @@ class SparseMoE(nn.Module):
         ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts))
                         if self.training or len(chunk)])
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys).view(B, T, C)
+        # Back to (token, pick) order and the two picks summed: the same sum as index_add_ into zeros (a + b, one
+        # rounding), but aten's CPU index_add_ (its parallel scatter_add) took 50-150 ms a call with 2 threads on
+        # our shared 2-core machine, whatever N (10 us with 1 thread; torch 2.13): 97 % of a batch-1 decode step.
+        unsorted = torch.empty_like(ys)
+        unsorted[order] = ys
+        return unsorted.view(-1, 2, ys.shape[-1]).sum(1)
 
 
 class Block(nn.Module):
