@@ -258,15 +258,22 @@ def fit_to_context(prompt_len: int, max_new_tokens: int, context: int) -> tuple[
 
 
 def read_prompt(args) -> str:
-    """--prompt TEXT, --prompt - (stdin) or --prompt-file FILE, as llama.cpp's -p / -f."""
+    """--prompt TEXT, --prompt - (stdin) or --prompt-file FILE, as llama.cpp's -p / -f. An empty file or stdin is
+    refused (an empty --prompt "" stays allowed: it generates from BOS, as llama.cpp does)."""
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
+                text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+        if not text:
+            raise UserError(f"--prompt-file {args.prompt_file} is empty")
+        return text
     if args.prompt == "-":
-        return sys.stdin.read()
+        text = sys.stdin.read()
+        if not text:
+            raise UserError("--prompt -: standard input was empty")
+        return text
     return args.prompt
 
 
@@ -290,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     else:
         prompt = tokenizer.encode(text, add_special_tokens=True)
+    if not prompt:  # an empty text with a tokenizer that adds nothing: start from BOS (else EOS), as lm-eval does
+        prompt = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
     n, notice = fit_to_context(len(prompt), config.max_new_tokens, model.config.max_position_embeddings)
     if notice:
         print(f"phiforge generate: notice: {notice}", file=sys.stderr, flush=True)

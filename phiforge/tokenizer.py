@@ -295,8 +295,16 @@ def train_bpe(texts: Iterable[str] | None = None, vocab_size: int = 8192, files:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    source = texts if texts is not None else _iter_lines(files)
-    tok.train_from_iterator(source, trainer=trainer)
+    seen = [0]
+
+    def counted(lines):  # an empty corpus would "train" a byte-only tokenizer: say so instead
+        for line in lines:
+            seen[0] += bool(line.strip())
+            yield line
+
+    tok.train_from_iterator(counted(texts if texts is not None else _iter_lines(files)), trainer=trainer)
+    if not seen[0]:
+        raise UserError(f"no training text in {', '.join(map(str, files)) or 'the texts given'}: every file is empty")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|endoftext|>",
               "pad_token": "<|endoftext|>", "add_bos_token": False, "model_max_length": model_max_length,
               "chat_template": PHI3_CHAT_TEMPLATE}

@@ -343,3 +343,39 @@ def test_progress_bars_on_gptq_and_model_loading(tmp_path, model_dir, capsys, mo
     monkeypatch.setenv("PHIFORGE_NO_PROGRESS", "1")
     checkpoint.load_hf_folder(model_dir)
     assert "loading weights" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- empty and binary inputs, every reader
+# Found by a sweep of every input-reading command over missing, empty and binary files (2026-12-07): these crashed
+# (ZeroDivisionError, AttributeError) or read the binary file as text.
+
+
+def test_empty_and_binary_inputs_are_one_line_everywhere(tmp_path, model_dir):
+    from phiforge import cli
+
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"  # a .txt suffix does not make it text
+    empty.write_text("")
+    binary.write_bytes(bytes(range(256)) * 8)
+    m = str(model_dir)
+    cases = [
+        (["generate", m, "--prompt-file", str(empty)], "is empty"),
+        (["eval", m, "--tasks", "perplexity", "--text-files", str(empty)], "is empty"),
+        (["eval", m, "--tasks", "perplexity", "--text-files", str(binary)], "binary file"),
+        (["tokenizer", "--files", str(empty), "--vocab-size", "300", "--out", str(tmp_path / "t1")], "no training text"),
+        (["tokenizer", "--files", str(binary), "--vocab-size", "300", "--out", str(tmp_path / "t2")], "binary file"),
+        (["tokenize", str(binary), "--tokenizer", m, "--out", str(tmp_path / "t3")], "binary file"),
+        (["data", "filter", str(binary), "--out", str(tmp_path / "t4")], "binary file"),
+    ]
+    for argv, needle in cases:
+        module = __import__(cli.COMMANDS[argv[0]][0], fromlist=["main"])
+        with pytest.raises(UserError, match=needle):
+            module.main(argv[1:])
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "t2").exists()
+
+
+def test_empty_prompt_generates_from_bos_or_eos(model_dir, capsys):
+    """--prompt "" with a tokenizer that adds no BOS used to end in AttributeError (nothing was generated)."""
+    from phiforge.generate import main
+
+    assert main([str(model_dir), "--prompt", "", "--max-new-tokens", "3"]) == 0
+    assert "prompt 1 tokens" in capsys.readouterr().err

@@ -68,9 +68,16 @@ def input_files(paths: list[str]) -> list[Path]:
 
 
 def open_text(path: str | os.PathLike, *, newline: str | None = "") -> io.TextIOBase:
-    """A utf-8 text reader, gunzipping a .gz. errors="replace": a stray invalid byte must not kill a run.
+    """A utf-8 text reader, gunzipping a .gz. errors="replace": a stray invalid byte must not kill a run, but a file
+    with NUL bytes in its first 8 KiB is refused as binary (one line, before any work).
     newline="" keeps "\\r\\n" as written; None translates it to "\\n"."""
     raw = gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+    try:
+        _check_not_binary(Path(path), raw.read(8192))
+        raw.seek(0)
+    except BaseException:
+        raw.close()
+        raise
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=newline)
 
 

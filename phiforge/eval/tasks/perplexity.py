@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from phiforge.data.io import open_text
 from phiforge.utils import UserError
 
 OUTPUT, METRICS, DEFAULT_FEWSHOT = "custom", ["word_perplexity", "byte_perplexity", "bits_per_byte"], 0
@@ -20,7 +21,11 @@ def read_texts(files: list[str]) -> list[dict]:
         p = Path(f)
         if not p.is_file():
             raise UserError(f"missing text file {p}")
-        docs.append({"id": str(p), "text": p.read_text(encoding="utf-8", errors="replace")})
+        with open_text(p, newline=None) as fh:  # refuses a binary file
+            text = fh.read()
+        if not text.strip():
+            raise UserError(f"text file {p} is empty: nothing to score")
+        docs.append({"id": str(p), "text": text})
     return docs
 
 
