@@ -234,12 +234,10 @@ def test_recipe_stage_keys_are_checked_before_any_stage(tmp_path, capsys):
 def test_recipe_continues_with_keys_only_unfinished_stages_read(tmp_path, capsys):
     """A run that stopped before pretraining takes a corrected pretrain key (before: "started with a different
     recipe"); a key a finished stage read is refused with the key and the stage named."""
-    import argparse
-
     from phiforge import recipe
 
     def cfg(*sets):
-        return recipe.resolve(argparse.Namespace(smoke=True, recipe=None, set=list(sets), data=None, threads=None))
+        return recipe.resolve(recipe.build_parser().parse_args(["--smoke", *[a for kv in sets for a in ("--set", kv)]]))
 
     out = tmp_path / "run"
     (out / ".recipe").mkdir(parents=True)

@@ -39,8 +39,8 @@ def test_recipe_files_match_the_embedded_defaults():
 def test_precedence_defaults_smoke_yaml_flags(tmp_path):
     y = tmp_path / "r.yaml"
     y.write_text("pretrain: {max_steps: 7, lr: 0.01}\ntokenizer: {vocab_size: 600}\n")
-    import argparse
-    ns = argparse.Namespace(smoke=True, recipe=str(y), set=["pretrain.lr=0.5"], data=["a.txt"], threads=3)
+    ns = recipe.build_parser().parse_args(["--smoke", "--recipe", str(y), "--set", "pretrain.lr=0.5", "--data", "a.txt",
+                                           "--threads", "3"])
     cfg = recipe.resolve(ns)
     assert cfg["pretrain"]["max_steps"] == 7  # YAML over smoke
     assert cfg["pretrain"]["lr"] == 0.5  # flag over YAML
