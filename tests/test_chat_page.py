@@ -229,6 +229,11 @@ def test_html_in_a_reply_is_shown_as_text_and_runs_nothing(page, server):
     assert body.locator("a").count() == 1 and body.locator("a").get_attribute("href") == "https://example.org"
     assert "[bad](javascript:" in text and body.locator("li").inner_text().startswith("item <iframe")
     assert page.locator(".msg.user .body").inner_text() == '<img src=x onerror="window.__pwned=\'user\'">'
+    # the code block's copy button copies the code, as text
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    body.locator("pre .copy").click()
+    page.wait_for_function("document.querySelector('pre .copy').textContent === 'Copied'")
+    assert page.evaluate("navigator.clipboard.readText()") == '<script>window.__pwned = "code"</script>'
     # the same through the page's own renderer, on a fresh element
     html = page.evaluate("(t) => { const d = document.createElement('div');"
                          " d.append(window.phiforgeChat.renderMarkdown(t)); return d.innerHTML; }", HOSTILE)
@@ -287,6 +292,8 @@ def test_assets_types_caching_and_security_headers(server):
             assert h.get(f"/static/{name}?v=old").headers["cache-control"] == "no-cache"
         assert h.get("/static/nothing.js").status_code == 404
         assert h.get("/static/index.html").status_code == 404
+        metrics = h.get("/metrics").text
+        assert 'path="/",status="200"' in metrics and 'path="/static/{name}",status="200"' in metrics
         # the page is open, the API is as before; no CORS unless asked for
         r = h.get("/v1/models", headers={"Origin": "http://elsewhere.test"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

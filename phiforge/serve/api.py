@@ -25,7 +25,7 @@ from phiforge.serve.scheduler import Chunk, Closing, Job, QueueFull, Scheduler
 from phiforge.utils import UserError
 
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped) so the client sees the 413
-KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +138,9 @@ class Server:
     # -- the request log and /metrics ------------------------------------------------------------------------------
     def record(self, method: str, path: str, status: int, tokens: int | None, seconds: float) -> None:
         """One finished request: counted for /metrics and, with access_log, one line on stderr."""
-        path = path if path in KNOWN_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        # a bounded set of labels for /metrics: any other path (a scan, a typo) is "other"
+        path = path if path in KNOWN_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else
+                                                 "/static/{name}" if path.startswith("/static/") else "other")
         key = (method, path, status)
         self.counts[key] = self.counts.get(key, 0) + 1
         acc = self.seconds.setdefault(path, [0.0, 0])
