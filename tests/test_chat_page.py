@@ -154,6 +154,7 @@ def test_streamed_answer_equals_phiforge_generate_and_survives_a_reload(page, se
     assert page.locator(".msg.user .body").inner_text() == prompt
     assert " ".join(page.locator(".msg.assistant .body").inner_text().split()) == " ".join(expected.split())
     assert page.locator("#conversations li").count() == 1 and page.input_value("#temperature") == "0"
+    page.click("#settings summary")  # the screenshot shows the settings too
     screenshot(page, tmp_path, "chat_page")
     page.set_viewport_size({"width": 390, "height": 844})
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling on a phone
@@ -180,7 +181,8 @@ def test_stop_keeps_the_partial_answer_and_frees_the_slot(page, server):
     wait_for(lambda: health(url)["running"] == 1, "the request to run")
     page.click("#stop")
     answer = wait_answer(page)
-    assert "stopped" in answer.locator(".stats").inner_text()
+    stats = answer.locator(".stats").inner_text()
+    assert "stopped" in stats and "≈" in stats, stats  # no usage chunk after a Stop: tokens counted by the page
     wait_for(lambda: health(url)["running"] == 0, "the server to free the slot")
     after = health(url)
     assert after["cancelled"] == before.get("cancelled", 0) + 1

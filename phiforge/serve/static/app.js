@@ -160,7 +160,7 @@
   function showStats(el, m) {
     const s = m.stats, parts = [];
     if (s) {
-      parts.push(`${s.tokens} token${s.tokens === 1 ? "" : "s"}`);
+      parts.push(`${s.approx ? "≈" : ""}${s.tokens} token${s.tokens === 1 ? "" : "s"}`);
       if (s.tps != null) parts.push(`${s.tps.toFixed(1)} tok/s`);
       if (s.ttft_ms != null) parts.push(`first token ${Math.round(s.ttft_ms)} ms`);
       if (s.finish === "length") parts.push("cut at max tokens");
@@ -355,9 +355,10 @@
       else reply.error = e.message;
     } finally {
       const end = performance.now();
-      const tokens = usage ? usage.completion_tokens : pieces; // a stopped stream has no usage: count pieces
+      // a stopped stream gets no usage chunk: count the text pieces (about one per token; shown as ≈)
+      const tokens = usage ? usage.completion_tokens : pieces;
       // tokens/s of decoding: the tokens after the first over the time after the first (prefill is the TTFT)
-      reply.stats = { tokens, finish, ttft_ms: first === null ? null : first - t0,
+      reply.stats = { tokens, approx: !usage, finish, ttft_ms: first === null ? null : first - t0,
                       tps: first !== null && tokens > 1 && end > first ? (tokens - 1) / ((end - first) / 1000) : null };
       running = null;
       setBusy(false);
