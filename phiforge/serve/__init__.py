@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="require 'Authorization: Bearer KEY' on /v1 (default: $PHIFORGE_API_KEY; none = open)")
     ap.add_argument("--cors-origins", default=None,
                     help="comma-separated origins whose pages may call the API from a browser, e.g. "
-                         "'http://localhost:3000' ('*' = any; default: none, same origin only as the chat page)")
+                         "'http://localhost:3000' ('*' = any; default: none, so only the server's own chat page)")
     ap.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGINT/SIGTERM, seconds running requests get to finish")
     ap.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
