@@ -77,10 +77,46 @@ def with_bos_post_processor(tok, **config):
     return Tokenizer(backend, {**cfg, **config}, {"eos_token_id": sorted(tok.stop_ids)})
 
 
+def wait_for(pred, what: str, timeout: float = 20.0):
+    """Poll pred() until it holds (a server's state, seen from a test); fail naming `what` after timeout seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def run_recipe(out: Path, *extra: str, timeout: float = SMOKE_LIMIT_S) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "phiforge.cli", "recipe", "--smoke", "--quiet", "--out", str(out),
                            *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def served_model(trained_tokenizer, tmp_path_factory):
+    """A tiny Phi-3 saved with the trained tokenizer, as `phiforge serve` loads it: (model, tokenizer, folder).
+    Shared by test_serve.py and test_chat_page.py; read-only."""
+    from phiforge import load
+    from phiforge.checkpoint import save_hf_folder
+    from phiforge.models import config_from_name
+    from phiforge.models.phi3 import Phi3
+
+    tok = trained_tokenizer
+    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
+                           pad_token_id=tok.pad_id, max_position_embeddings=1024,
+                           original_max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = Phi3(cfg)
+    model.init_weights(seed=0)
+    with torch.no_grad():  # larger weights: fewer near-ties, less repetitive random text
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    folder = tmp_path_factory.mktemp("served")
+    save_hf_folder(model.eval(), folder, tok)
+    model, tok = load(str(folder))
+    return model, tok, folder
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -16,33 +15,14 @@ from phiforge import load
 from phiforge.checkpoint import save_hf_folder
 from phiforge.generate import generate
 from phiforge.sample import GenerationConfig
-from phiforge.models import config_from_name
-from phiforge.models.phi3 import Phi3, Phi3Config
+from phiforge.models.phi3 import Phi3Config
 from phiforge.serve import start_background
 from phiforge.tokenizer import SPECIAL_TOKENS
 from phiforge.utils import UserError
+from tests.conftest import wait_for
 
 openai = pytest.importorskip("openai")
 T = 60  # seconds: the bound of every request and wait loop in this file
-
-
-@pytest.fixture(scope="module")
-def served_model(trained_tokenizer, tmp_path_factory):
-    tok = trained_tokenizer
-    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                                               bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
-                                               max_position_embeddings=1024, original_max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = Phi3(cfg)
-    model.init_weights(seed=0)
-    with torch.no_grad():  # larger weights: fewer near-ties, less repetitive random text
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    folder = tmp_path_factory.mktemp("served")
-    save_hf_folder(model.eval(), folder, tok)
-    model, tok = load(str(folder))
-    return model, tok, folder
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +39,6 @@ def client(url, **kw):
 
 def health(url) -> dict:
     return httpx.get(url + "/health", timeout=T).json()
-
-
-def wait_for(pred, what: str, timeout: float = 20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_no_special(text: str):

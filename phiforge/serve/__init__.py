@@ -84,7 +84,7 @@ def start_background(model, port: int = 0, host: str = "127.0.0.1", model_id: st
                      dtype: str = "float32", device: str = "cpu", shutdown_timeout: float = 10.0,
                      log_level: str = "warning", **options):
     """Start a server in a background thread of this process. `model`: a model folder, or a (model, tokenizer)
-    pair. options: max_batch, context, max_queue, max_body_bytes, api_key. Returns (url, stop): url is
+    pair. options: max_batch, context, max_queue, max_body_bytes, api_key, cors_origins. Returns (url, stop): url is
     "http://host:port" (OpenAI base_url = url + "/v1"); stop() shuts down gracefully (running requests finish)."""
     if isinstance(model, (str, os.PathLike)):
         from phiforge import load
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from phiforge import load
     from phiforge.generate import add_model_args
 
-    ap = ArgumentParser(prog="phiforge serve", description="OpenAI-compatible server: /v1/models, "
+    ap = ArgumentParser(prog="phiforge serve", description="OpenAI-compatible server and chat page (/): /v1/models, "
                                  "/v1/chat/completions, /v1/completions, /health, /metrics (Prometheus).")
     add_model_args(ap)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get HTTP 413")
     ap.add_argument("--api-key", default=os.environ.get("PHIFORGE_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1 (default: $PHIFORGE_API_KEY; none = open)")
+    ap.add_argument("--cors-origins", default=None,
+                    help="comma-separated origins whose pages may call the API from a browser, e.g. "
+                         "'http://localhost:3000' ('*' = any; default: none, so only the server's own chat page)")
     ap.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGINT/SIGTERM, seconds running requests get to finish")
     ap.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
         server = _make_server(model, tokenizer, args.model_name or args.model, max_batch=args.max_batch,
                               context=args.ctx_size, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                              api_key=args.api_key, compile=args.compile, access_log=not args.no_request_log)
+                              api_key=args.api_key, compile=args.compile, access_log=not args.no_request_log,
+                              cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()])
     except BaseException:
         sock.close()
         raise
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print("phiforge serve: warning: listening beyond loopback without --api-key", file=sys.stderr)
     mib = server.sched.state.cache_bytes() / 2**20
-    print(f"phiforge serve: {server.model_id!r} on http://{args.host}:{port}/v1 (max batch {args.max_batch}, "
+    print(f"phiforge serve: {server.model_id!r} on http://{args.host}:{port}/v1, chat page at "
+          f"http://{args.host}:{port}/ (max batch {args.max_batch}, "
           f"context {server.context}, queue {args.max_queue}, KV cache {mib:.0f} MiB)", file=sys.stderr, flush=True)
     _uvicorn(server, args.shutdown_timeout, args.log_level).run(sockets=[sock])
     print("phiforge serve: stopped", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API: request schemas, validation and limits, error bodies, SSE streaming.
 
-Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions.
+Endpoints (the chat page at / and CORS are in page.py): GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions.
 Reference: the OpenAI API reference (chat/completions, completions, error objects, streaming chunk objects).
 Errors are OpenAI error objects: {"error": {"message", "type", "param", "code"}}.
 """
@@ -25,7 +25,7 @@ from phiforge.serve.scheduler import Chunk, Closing, Job, QueueFull, Scheduler
 from phiforge.utils import UserError
 
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped) so the client sees the 413
-KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Server:
 
     def __init__(self, model, tokenizer, model_id: str, max_batch: int = 8, context: int | None = None,
                  max_queue: int = 64, max_body_bytes: int = 4 << 20, api_key: str | None = None,
-                 compile: bool = False, access_log: bool = False):
+                 compile: bool = False, access_log: bool = False, cors_origins: list[str] | None = None):
         limit = model.config.max_position_embeddings
         self.context = min(int(context or min(limit, 4096)), limit)
         if max_batch < 1 or max_queue < 0 or self.context < 2:
@@ -131,13 +131,16 @@ class Server:
         self.sched = Scheduler(model, tokenizer, max_batch=max_batch, max_len=self.context, max_queue=max_queue,
                                compile=compile)
         self.access_log = access_log
+        self.cors_origins = list(cors_origins or [])  # browser pages on these origins may call the API (page.py)
         self.counts: dict[tuple, int] = {}  # (method, path, status) -> requests, for /metrics
         self.seconds: dict[str, list] = {}  # path -> [sum of seconds, count]
 
     # -- the request log and /metrics ------------------------------------------------------------------------------
     def record(self, method: str, path: str, status: int, tokens: int | None, seconds: float) -> None:
         """One finished request: counted for /metrics and, with access_log, one line on stderr."""
-        path = path if path in KNOWN_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        # a bounded set of labels for /metrics: any other path (a scan, a typo) is "other"
+        path = path if path in KNOWN_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else
+                                                 "/static/{name}" if path.startswith("/static/") else "other")
         key = (method, path, status)
         self.counts[key] = self.counts.get(key, 0) + 1
         acc = self.seconds.setdefault(path, [0.0, 0])
@@ -599,4 +602,7 @@ def create_app(server: Server) -> FastAPI:
                                                   "finish_reason": finish[i] or "length"} for i in range(len(jobs))],
                              "usage": _usage(sum(map(len, prompts)), sum(counts))}, headers=headers)
 
+    from phiforge.serve.page import add_page
+
+    add_page(app, server.cors_origins)  # the chat page at / and CORS: browser concerns live in page.py
     return app
