@@ -14,8 +14,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-
-from phiforge.serve.api import ApiError
+from starlette.exceptions import HTTPException
 
 STATIC = "static"
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -71,7 +70,9 @@ def add_page(app: FastAPI, cors_origins: list[str] | None = None) -> None:
     async def static(name: str, request: Request, v: str | None = None):
         asset = assets.get(name)
         if asset is None or name == "index.html":
-            raise ApiError(404, f"GET /static/{name}: no such file", "not_found")
+            # api.py's handler turns it into the API's error body ("GET /static/x: no such file"); raising its
+            # ApiError here would make page.py and api.py import each other
+            raise HTTPException(404, "no such file")
         return _respond(request, asset, IMMUTABLE if v == asset.hash else "no-cache")
 
     if cors_origins:
