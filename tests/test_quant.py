@@ -304,9 +304,12 @@ def test_no_compiler_means_pure_torch_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
 
-    code = ("import torch; from phiforge import quant; from phiforge.kernels import int4_mm; "
+    # aten's int4 kernel rounds activations to bf16: over 200 seeds its max error was <= 0.77 % of the output's
+    # largest value (0.0117 absolute: the former atol=1e-2 on an unseeded draw failed about 1 run in 200)
+    code = ("import torch; from phiforge import quant; from phiforge.kernels import int4_mm; torch.manual_seed(0); "
             "q = quant.Int4Linear.from_linear(torch.nn.Linear(64, 48, bias=False), 32); x = torch.randn(2, 64); "
-            "print(int4_mm(), q._pick(x), bool(torch.allclose(q(x), x @ q.dequantize().T, atol=1e-2)))")
+            "ref = x @ q.dequantize().T; "
+            "print(int4_mm(), q._pick(x), bool((q(x) - ref).abs().max() <= 0.02 * ref.abs().max()))")
     env = dict(os.environ, CXX="/nonexistent/c++", PHIFORGE_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
