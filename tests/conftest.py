@@ -93,30 +93,34 @@ def run_recipe(out: Path, *extra: str, timeout: float = SMOKE_LIMIT_S) -> subpro
                            *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def served_model(trained_tokenizer, tmp_path_factory):
-    """A tiny Phi-3 saved with the trained tokenizer, as `phiforge serve` loads it: (model, tokenizer, folder).
-    Shared by test_serve.py and test_chat_page.py; read-only."""
+def saved_random_model(tok, folder, **changes):
+    """The tiny Phi-3 preset (with `changes`) over `tok`'s vocabulary, random weights scaled x4 (fewer near-ties,
+    less repetitive random text), saved with the tokenizer and loaded back: (model, tokenizer, folder)."""
     from phiforge import load
     from phiforge.checkpoint import save_hf_folder
     from phiforge.models import config_from_name
     from phiforge.models.phi3 import Phi3
 
-    tok = trained_tokenizer
     cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
-                           pad_token_id=tok.pad_id, max_position_embeddings=1024,
-                           original_max_position_embeddings=1024)
+                           pad_token_id=tok.pad_id, **changes)
     torch.manual_seed(0)
     model = Phi3(cfg)
     model.init_weights(seed=0)
-    with torch.no_grad():  # larger weights: fewer near-ties, less repetitive random text
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
-    folder = tmp_path_factory.mktemp("served")
     save_hf_folder(model.eval(), folder, tok)
     model, tok = load(str(folder))
     return model, tok, folder
+
+
+@pytest.fixture(scope="session")
+def served_model(trained_tokenizer, tmp_path_factory):
+    """A tiny Phi-3 saved with the trained tokenizer, as `phiforge serve` loads it: (model, tokenizer, folder).
+    Shared by test_serve.py and test_chat_page.py; read-only."""
+    return saved_random_model(trained_tokenizer, tmp_path_factory.mktemp("served"), max_position_embeddings=1024,
+                              original_max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="session")

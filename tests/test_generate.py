@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import hf_model
+from conftest import hf_model, saved_random_model
 from phiforge import load
 from phiforge.checkpoint import save_hf_folder
 from phiforge.generate import generate, main, stream_generate
@@ -47,21 +47,7 @@ def event_logits(model, ids, **kw):
 @pytest.fixture(scope="module")
 def tok_model(trained_tokenizer, tmp_path_factory):
     """A tiny model whose vocabulary is the trained tokenizer's, saved as an HF folder with the tokenizer."""
-    tok = trained_tokenizer
-    cfg = config_from_name("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                                               bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
-    from phiforge.models.phi3 import Phi3
-    torch.manual_seed(0)
-    model = Phi3(cfg)
-    model.init_weights(seed=0)
-    with torch.no_grad():  # larger weights: less repetitive random text
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    folder = tmp_path_factory.mktemp("tokmodel")
-    save_hf_folder(model.eval(), folder, tok)
-    model, tok2 = load(str(folder))
-    return model, tok2, folder
+    return saved_random_model(trained_tokenizer, tmp_path_factory.mktemp("tokmodel"))
 
 
 # ------------------------------------------------------------------------------------------------------------------
