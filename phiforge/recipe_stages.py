@@ -162,8 +162,7 @@ def stage_decontam(ctx: Ctx) -> Path:
     """`phiforge data decontam`: drop pretraining documents that share a word 13-gram with the held-out text or with
     the benchmark sets the eval stage scores (Phi-3 report section 2; GPT-3 appendix C); then split the survivors by
     source into data/source.jsonl.gz and data/textbook.jsonl.gz."""
-    from phiforge.data.io import read_jsonl
-    from phiforge.data.io import write_jsonl
+    from phiforge.data.io import read_jsonl, write_jsonl
 
     eval_sets = [str(ctx.data / "heldout.txt")]
     bench = ctx.benchmark_dir()
@@ -189,8 +188,7 @@ def stage_filter(ctx: Ctx) -> Path:
     """Stories: `phiforge data filter` (Gopher/C4 heuristics). Code: those prose rules drop nearly every source file
     (symbol and alphabetic-word ratios), so the code analogue is the docstring ratio: files whose module, functions
     and classes mostly carry docstrings (corpus.min_doc_ratio)."""
-    from phiforge.data.io import read_jsonl
-    from phiforge.data.io import write_jsonl
+    from phiforge.data.io import read_jsonl, write_jsonl
 
     if not ctx.stories:
         out = ctx.data / "filtered.jsonl.gz"

@@ -237,9 +237,7 @@ def _read_one(p: Path, max_chars: int | None = None) -> str:
             if max_chars is not None and n >= max_chars:
                 break
         return "\n".join(texts)
-    try:
-        with (gzip.open if p.suffix == ".gz" else open)(p, "rb") as fb:
-            _check_not_binary(p, fb.read(8192))
+    try:  # both readers below go through open_text, which refuses a binary file
         if ".jsonl" in p.suffixes:
             return _read_jsonl_text(p, max_chars)
         with open_text(p, newline=None) as f:
